@@ -1,0 +1,1 @@
+"""Adapters that translate a framework's modules and batches into the core's terms."""

@@ -1,0 +1,1 @@
+"""The method core: pure torch, no framework imports."""

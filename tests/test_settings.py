@@ -1,0 +1,76 @@
+"""SEG settings validation: every bad value gets a clear error naming the field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from seg_tsam.extension.core.settings import SegSettings, SettingsError, parse_sigma, step_fraction_active
+
+
+def test_defaults_are_the_papers():
+    settings = SegSettings()
+    assert (settings.scale, settings.sigma, settings.layers, settings.mode) == (3.0, math.inf, "mid", "cond")
+    assert not settings.enabled and not settings.has_effect
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("inf", math.inf), ("∞", math.inf), (" Infinity ", math.inf), (1e5, math.inf), (9999, 9999.0),
+     (9999.5, math.inf), ("2.5", 2.5), (0, 0.0), (10, 10.0)],
+)
+def test_sigma_parsing(value, expected):
+    assert parse_sigma(value) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sigma=-1), "sigma: must be ≥ 0"),
+        (dict(sigma="nan"), "sigma: NaN"),
+        (dict(sigma=float("nan")), "sigma: NaN"),
+        (dict(sigma="big"), "sigma: expected a number"),
+        (dict(sigma=True), "sigma: expected a number"),
+        (dict(scale=-0.5), r"scale: must be in \[0, 100\]"),
+        (dict(scale=math.inf), "scale: must be in"),
+        (dict(scale=None), "scale: expected a number"),
+        (dict(start=0.5, end=0.5), "start/end"),
+        (dict(start=-0.1), "start/end"),
+        (dict(end=1.5), "start/end"),
+        (dict(mode="both"), "mode: must be one of cond, uncond"),
+        (dict(layers="m3x"), "layers: unknown layer"),
+        (dict(layers=7), "layers: layers must be a string"),
+        (dict(enabled="yes"), "enabled: expected true or false"),
+    ],
+)
+def test_bad_values(kwargs, message):
+    with pytest.raises(SettingsError, match=message):
+        SegSettings(**kwargs)
+
+
+def test_named_form_round_trip():
+    settings = SegSettings.from_mapping({"scale": "4", "sigma": "inf", "layers": "D4, m0-9"})
+    assert settings.enabled and settings.scale == 4.0 and settings.layers == "d4,m0-9"
+    assert SegSettings.from_mapping(settings.to_dict()) == settings
+
+
+def test_named_form_rejects_unknown_keys():
+    with pytest.raises(SettingsError, match=r"unknown SEG setting\(s\) \['blur'\]"):
+        SegSettings.from_mapping({"blur": 3})
+    with pytest.raises(SettingsError, match="expected a dict"):
+        SegSettings.from_mapping([1, 2])
+
+
+@pytest.mark.parametrize(
+    "start, end, active",
+    [(0.0, 1.0, list(range(10))), (0.0, 0.5, [0, 1, 2, 3, 4]), (0.25, 0.75, [3, 4, 5, 6, 7]), (0.95, 1.0, [])],
+)
+def test_active_range_is_a_fraction_of_the_steps(start, end, active):
+    assert [step for step in range(10) if step_fraction_active(step, 10, start, end)] == active
+
+
+def test_no_effect_when_scale_or_sigma_is_zero():
+    assert not SegSettings(enabled=True, scale=0).has_effect
+    assert not SegSettings(enabled=True, sigma=0).has_effect
+    assert SegSettings(enabled=True).has_effect
