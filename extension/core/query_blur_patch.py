@@ -80,19 +80,26 @@ class QueryBlurPatch:
         self._handles.clear()
         self._state = _PatchState()
 
-    @contextlib.contextmanager
-    def blurring(self, rows: torch.Tensor | Sequence[int], batch: int, sigma: float) -> Iterator[None]:
-        """Within this block, UNet calls of batch ``batch`` get the queries of ``rows`` blurred."""
+    def request_blur(self, rows: torch.Tensor | Sequence[int], batch: int, sigma: float) -> None:
+        """Blur the queries of ``rows`` in the next UNet calls of batch ``batch``, until :meth:`clear_request`."""
         if not self._handles:
-            raise RuntimeError("QueryBlurPatch.blurring used outside its with-block")
-        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+            raise RuntimeError("QueryBlurPatch used outside its with-block")
+        rows = torch.as_tensor(list(rows) if isinstance(rows, range) else rows, dtype=torch.long).reshape(-1)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= batch):
             raise ValueError(f"blur rows {rows.tolist()} outside a batch of {batch}")
         self._state.request = _BlurRequest(rows, batch, float(sigma))
+
+    def clear_request(self) -> None:
+        self._state.request = None
+
+    @contextlib.contextmanager
+    def blurring(self, rows: torch.Tensor | Sequence[int], batch: int, sigma: float) -> Iterator[None]:
+        """Within this block, UNet calls of batch ``batch`` get the queries of ``rows`` blurred."""
+        self.request_blur(rows, batch, sigma)
         try:
             yield
         finally:
-            self._state.request = None
+            self.clear_request()
 
     def recorded_grid(self, layer: SelfAttentionLayer) -> tuple[int, int] | None:
         """The ``(h, w)`` token grid ``layer`` saw in the latest forward (``None`` before any)."""
