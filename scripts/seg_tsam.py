@@ -1,7 +1,8 @@
-"""WebUI entry point. Thin on purpose: it only makes our packages importable as ``seg_tsam.*``.
+"""WebUI entry point. Thin on purpose: load our packages as ``seg_tsam.*`` and expose the scripts.
 
 The WebUI imports this file by path; ``extension/loader.py`` is loaded the same way, so a
-foreign ``extension`` or ``export`` module in ``sys.modules`` cannot shadow ours.
+foreign ``extension`` or ``export`` module in ``sys.modules`` cannot shadow ours. Outside the
+WebUI (no ``modules.scripts``) it only registers the package.
 """
 
 import importlib.util
@@ -13,3 +14,12 @@ _loader_spec = importlib.util.spec_from_file_location(
 _loader = importlib.util.module_from_spec(_loader_spec)
 _loader_spec.loader.exec_module(_loader)
 _loader.register_package()
+
+try:
+    import modules.scripts  # noqa: F401  (exists only inside the WebUI)
+except ImportError:
+    pass
+else:
+    _seg_script = _loader.load("extension.webui.seg_script")
+    _seg_script.register_callbacks()
+    SegScript = _seg_script.SegScript

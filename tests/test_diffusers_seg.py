@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seg_tsam.extension.adapters.diffusers_pipeline import encode_prompts, generate, guided_prediction
-from seg_tsam.extension.adapters.diffusers_unet import self_attention_layers
+from seg_tsam.extension.adapters.unet_layers import self_attention_layers
 from seg_tsam.extension.core.layers import select_layers
 from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch
 from seg_tsam.extension.core.settings import SegSettings

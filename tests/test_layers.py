@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seg_tsam.extension.adapters import tiny_models
-from seg_tsam.extension.adapters.diffusers_unet import self_attention_layers
+from seg_tsam.extension.adapters.unet_layers import self_attention_layers
 from seg_tsam.extension.core.layers import LayerSpecError, resolve_layer_spec, select_layers
 
 SD1_COUNTS = {"down": 6, "mid": 1, "up": 9}

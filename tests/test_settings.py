@@ -74,3 +74,26 @@ def test_no_effect_when_scale_or_sigma_is_zero():
     assert not SegSettings(enabled=True, scale=0).has_effect
     assert not SegSettings(enabled=True, sigma=0).has_effect
     assert SegSettings(enabled=True).has_effect
+
+
+def test_hires_overrides():
+    settings = SegSettings(enabled=True, scale=3, sigma=4, hires_scale="5", hires_sigma="inf")
+    hires = settings.for_hires_pass()
+    assert (hires.scale, hires.sigma, hires.hires_scale, hires.hires_sigma) == (5.0, math.inf, None, None)
+    assert SegSettings(enabled=True, sigma=4).for_hires_pass().sigma == 4.0
+    with pytest.raises(SettingsError, match="hires_scale"):
+        SegSettings(hires_scale=-1)
+    with pytest.raises(SettingsError, match="sigma"):
+        SegSettings(hires_sigma="x")
+
+
+def test_infotext_round_trip_through_text():
+    """Write infotext entries as the WebUI does (``Key: value``), parse them back as strings."""
+    settings = SegSettings(enabled=True, scale=2.5, sigma=8, layers="d4,d5,m0-9", start=0.1, end=0.9,
+                           mode="uncond", hires_sigma=16)
+    entries = settings.to_infotext()
+    as_text = {key: str(value) for key, value in entries.items()}  # what a PNG's parameters hold
+    assert SegSettings.from_infotext(as_text) == settings
+    assert "SEG hires scale" not in entries
+    assert SegSettings.from_infotext({"Steps": "20"}) == SegSettings(enabled=False)
+    assert SegSettings().to_infotext() == {}

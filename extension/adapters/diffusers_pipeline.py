@@ -13,8 +13,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
@@ -23,34 +22,10 @@ from ..core.layers import select_layers
 from ..core.query_blur_patch import QueryBlurPatch
 from ..core.rows import plan_seg_rows
 from ..core.settings import SegSettings
-from .diffusers_unet import self_attention_layers
-
-
-@dataclass(frozen=True)
-class RowConditioning:
-    """Per-row UNet conditioning: text states and, for SDXL, pooled text and time ids."""
-
-    text: torch.Tensor  #: (rows, tokens, dim)
-    pooled: torch.Tensor | None = None  #: (rows, dim), SDXL only
-    time_ids: torch.Tensor | None = None  #: (rows, 6), SDXL only
-
-    def take(self, rows: Sequence[int]) -> RowConditioning:
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.text.device)
-        pick = lambda tensor: None if tensor is None else tensor.index_select(0, index)  # noqa: E731
-        return RowConditioning(pick(self.text), pick(self.pooled), pick(self.time_ids))
-
-    def unet_kwargs(self) -> dict:
-        kwargs: dict = {"encoder_hidden_states": self.text}
-        if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kwargs
-
-
-def concat_rows(parts: Sequence[RowConditioning]) -> RowConditioning:
-    cat = lambda tensors: None if tensors[0] is None else torch.cat(tensors)  # noqa: E731
-    return RowConditioning(
-        cat([part.text for part in parts]), cat([part.pooled for part in parts]), cat([part.time_ids for part in parts])
-    )
+from ..core.tsam import TsamSettings
+from .diffusers_conditioning import RowConditioning, concat_rows, is_sdxl
+from .diffusers_tsam import model_input_scale, pipeline_prompt_targets, tsam_update
+from .unet_layers import self_attention_layers
 
 
 def guided_prediction(
@@ -110,10 +85,6 @@ def guided_prediction(
     )
 
 
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-
-
 def encode_prompts(
     pipe, prompts: list[str], negative_prompts: list[str], *, do_cfg: bool, height: int, width: int
 ) -> tuple[RowConditioning, RowConditioning | None]:
@@ -147,6 +118,7 @@ def generate(
     *,
     negative_prompt: str | list[str] = "",
     seg: SegSettings | None = None,
+    tsam: TsamSettings | None = None,
     steps: int = 20,
     guidance_scale: float = 5.0,
     height: int | None = None,
@@ -156,10 +128,13 @@ def generate(
     output_type: str = "pil",
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ):
-    """Generate images with CFG and, when ``seg`` is enabled, Smoothed Energy Guidance.
+    """Generate images with CFG and, when enabled, Smoothed Energy Guidance and T-SAM.
 
-    ``guidance_scale ≤ 1`` disables CFG (SEG alone: ``ε_c + s(ε_c − ε̃_c)``). The SEG hooks
-    exist only inside this call: afterwards (or after an exception) the UNet is untouched.
+    ``guidance_scale ≤ 1`` disables CFG (SEG alone: ``ε_c + s(ε_c − ε̃_c)``). T-SAM updates the
+    latent at the start of its active steps (each image with its own prompt's target), then
+    the guided step runs from the updated latent. Diffusers' ``encode_prompt`` keeps one
+    77-token chunk, so T-SAM aligns the first 75 prompt tokens here. All hooks exist only
+    inside this call: afterwards (or after an exception) the models are untouched.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -175,6 +150,8 @@ def generate(
         raise ValueError(f"height and width must be multiples of {scale_factor}, got {height}×{width}")
     do_cfg = guidance_scale > 1.0
     cond, uncond = encode_prompts(pipe, prompts, negatives, do_cfg=do_cfg, height=height, width=width)
+    use_tsam = tsam is not None and tsam.has_effect
+    targets = pipeline_prompt_targets(pipe, prompts, power=tsam.power, max_chunks=cond.text.shape[1] // 77) if use_tsam else None
 
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (len(prompts), unet.config.in_channels, height // scale_factor, width // scale_factor)
@@ -188,6 +165,12 @@ def generate(
     with QueryBlurPatch(layers) if use_seg else contextlib.nullcontext() as patch:
         for index, timestep in enumerate(timesteps):
             model_input = scheduler.scale_model_input(latents, timestep)
+            plan = tsam.step_plan(index, len(timesteps)) if use_tsam else None
+            if plan is not None and plan.updates:
+                update = tsam_update(unet, model_input, timestep, cond, targets, tsam,
+                                     step_size=plan.step_size, iterations=plan.updates)
+                model_input = update.model_input
+                latents = (model_input / model_input_scale(scheduler, timestep, latents)).to(latents.dtype)
             step_seg = seg if use_seg and seg.active_at(index, len(timesteps)) else None
             prediction = guided_prediction(
                 unet, patch, model_input, timestep, cond, uncond,

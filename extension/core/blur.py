@@ -48,10 +48,20 @@ def gaussian_taps(sigma: float, size: int) -> torch.Tensor:
     return weights / weights.sum()
 
 
-def _reflect(index: torch.Tensor, axis_len: int) -> torch.Tensor:
-    """Reflect indices into ``[0, axis_len)`` without repeating the edge (``F.pad`` "reflect")."""
-    index = index.abs()
-    return torch.where(index > axis_len - 1, 2 * (axis_len - 1) - index, index)
+def reflect_convolution_matrix(axis_len: int, taps: torch.Tensor) -> torch.Tensor:
+    """The ``(n, n)`` matrix of a 1D convolution with odd-length ``taps`` after reflect padding.
+
+    Row ``i`` holds the weight of every input token in output ``i``, the taps folded through
+    the reflection (``F.pad(mode="reflect")``: the edge is not repeated). The radius must be
+    below ``n``, as reflection requires.
+    """
+    radius = (taps.numel() - 1) // 2
+    if radius >= axis_len:
+        raise ValueError(f"a kernel of radius {radius} cannot be reflect-padded on {axis_len} tokens")
+    sources = (torch.arange(axis_len).unsqueeze(1) + torch.arange(-radius, radius + 1)).abs()  # (n, k)
+    sources = torch.where(sources > axis_len - 1, 2 * (axis_len - 1) - sources, sources)
+    matrix = torch.zeros(axis_len, axis_len, dtype=taps.dtype, device=taps.device)
+    return matrix.scatter_add_(1, sources.to(taps.device), taps.expand(axis_len, -1).clone())
 
 
 @functools.lru_cache(maxsize=512)
@@ -60,13 +70,7 @@ def _blur_matrix_float64(axis_len: int, sigma: float) -> torch.Tensor:
         return torch.eye(axis_len, dtype=torch.float64)
     if is_infinite_sigma(sigma):
         return torch.full((axis_len, axis_len), 1.0 / axis_len, dtype=torch.float64)
-    size = axis_kernel_size(kernel_size(sigma), axis_len)
-    radius = size // 2
-    taps = gaussian_taps(sigma, size)
-    rows = torch.arange(axis_len).unsqueeze(1)  # (n, 1)
-    sources = _reflect(rows + torch.arange(-radius, radius + 1), axis_len)  # (n, k)
-    matrix = torch.zeros(axis_len, axis_len, dtype=torch.float64)
-    return matrix.scatter_add_(1, sources, taps.expand(axis_len, size).clone())
+    return reflect_convolution_matrix(axis_len, gaussian_taps(sigma, axis_kernel_size(kernel_size(sigma), axis_len)))
 
 
 def blur_matrix(

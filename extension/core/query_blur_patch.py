@@ -40,6 +40,12 @@ class _BlurRequest:
     rows: torch.Tensor  #: indices of the batch rows to blur
     batch: int  #: the UNet batch these indices refer to
     sigma: float
+    rows_on_device: dict = field(default_factory=dict)  #: rows moved to each device, once per request
+
+    def rows_for(self, device: torch.device) -> torch.Tensor:
+        if device not in self.rows_on_device:
+            self.rows_on_device[device] = self.rows.to(device)
+        return self.rows_on_device[device]
 
 
 @dataclass
@@ -121,8 +127,8 @@ class QueryBlurPatch:
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             request = self._state.request
-            if request is None or request.rows.numel() == 0:
-                return None
+            if request is None or request.rows.numel() == 0 or request.sigma == 0.0:
+                return None  # σ = 0 is the identity
             if output.shape[0] != request.batch:
                 raise RuntimeError(
                     f"SEG: {layer.name} ran with batch {output.shape[0]}, expected {request.batch}"
@@ -130,7 +136,7 @@ class QueryBlurPatch:
             grid = self._state.grids.get(key)
             if grid is None:
                 raise RuntimeError(f"SEG: no token grid recorded for {layer.name}")
-            rows = request.rows.to(output.device)
+            rows = request.rows_for(output.device)
             blurred = blur_queries(output.index_select(0, rows), grid, request.sigma)
             return output.index_copy(0, rows, blurred.to(output.dtype))
 

@@ -1,0 +1,594 @@
+"""T-SAM on diffusers: T from a pipeline's text encoders, S from the UNet's coarse cross-attention.
+
+Pieces, each usable alone:
+
+- :func:`pipeline_prompt_targets` — T for each prompt, with the pipeline's own tokenizer(s)
+  and text encoder(s), 75-token chunks like the WebUI.
+- :class:`CrossAttentionCapture` — the single owner of the explicit-softmax processors on the
+  coarse ``attn2`` layers; everything it changes is restored on exit.
+- :func:`alignment_losses`, :func:`alignment_gradient`, :func:`tsam_update` — the loss of
+  the cond rows, its gradient with respect to the UNet input, and the update.
+- :func:`model_input_scale` — ``c_in`` of the scheduler, to map an updated UNet input back to
+  the scheduler's latent.
+
+The optimisation pass runs the cond rows only, one per image (as the official code does);
+images never mix inside the UNet, so one batched backward of the summed loss gives every
+image exactly its own gradient.
+
+Space and scale: T-SAM's step size was tuned in the space of the UNet input ``z`` of the
+VP schedulers (DDIM/PNDM, where ``z`` is the latent itself). Euler-type schedulers keep
+``x = z·sqrt(σ²+1)`` and feed the UNet ``z = c_in·x`` with ``c_in = 1/sqrt(σ²+1)``
+(``scheduler.scale_model_input``). So the gradient is taken with respect to ``z`` (what the
+UNet sees), ``z' = z − α·∇_z L``, and the scheduler's latent becomes ``x' = z' / c_in``.
+(Stepping ``x`` with ``∇_x L = c_in·∇_z L`` and the same α would be off by ``1/c_in² = σ²+1``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core import tsam
+from ..core.tsam import PromptTarget, TsamSettings
+from .diffusers_conditioning import RowConditioning, is_sdxl
+
+logger = logging.getLogger("seg_tsam")
+
+#: The official code reads 16×16 maps from SD1.5 at 512²: the latent (64²) halved twice.
+DEFAULT_LEVEL = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Which attn2 layers, and their grid
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    """One ``attn2`` module of a ``UNet2DConditionModel`` and the resolution level it runs at."""
+
+    name: str  #: module path, e.g. ``down_blocks.2.attentions.0.transformer_blocks.0.attn2``
+    module: nn.Module  #: the diffusers ``Attention``
+    level: int  #: the block's feature map is the latent halved (with ceil) ``level`` times
+
+
+def level_grid(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
+    """``(h, w)`` of the feature maps ``level`` ceil-halvings below a latent of ``latent_size``.
+
+    Diffusers' stride-2 downsampling convolution (kernel 3, padding 1) maps ``n`` to ``⌈n/2⌉``,
+    and the up path resizes back to the skip connections' sizes, so both paths agree.
+    """
+    height, width = latent_size
+    for _ in range(level):
+        height, width = (height + 1) // 2, (width + 1) // 2
+    return height, width
+
+
+def _block_cross_attention(block: nn.Module, prefix: str, level: int) -> list[CrossAttentionLayer]:
+    return [
+        CrossAttentionLayer(f"{prefix}.{name}", module, level)
+        for name, module in block.named_modules()
+        if name.endswith(".attn2") and hasattr(module, "to_q") and hasattr(module, "set_processor")
+    ]
+
+
+def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
+    """Every ``attn2`` of the UNet with its level, read from the block structure.
+
+    Each down block runs at the current level and its downsampler (if any) goes one level
+    down; the middle block runs at the lowest level; each up block runs at the current
+    level and its upsampler (if any) goes one level up.
+    """
+    layers: list[CrossAttentionLayer] = []
+    level = 0
+    for index, block in enumerate(unet.down_blocks):
+        layers += _block_cross_attention(block, f"down_blocks.{index}", level)
+        level += 1 if getattr(block, "downsamplers", None) else 0
+    if getattr(unet, "mid_block", None) is not None:
+        layers += _block_cross_attention(unet.mid_block, "mid_block", level)
+    for index, block in enumerate(unet.up_blocks):
+        layers += _block_cross_attention(block, f"up_blocks.{index}", level)
+        level -= 1 if getattr(block, "upsamplers", None) else 0
+    return layers
+
+
+def coarse_cross_attention_layers(unet: nn.Module, level: int = DEFAULT_LEVEL) -> list[CrossAttentionLayer]:
+    """The ``attn2`` layers at ``level`` (SD1.x: 5 layers at latent/4; SDXL: down 2, mid, up 0)."""
+    layers = cross_attention_layers(unet)
+    chosen = [layer for layer in layers if layer.level == level]
+    if not chosen:
+        levels = sorted({layer.level for layer in layers})
+        raise ValueError(f"T-SAM: this UNet has no cross-attention at level {level} (levels with some: {levels})")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Capturing cross-attention probabilities with gradient
+# --------------------------------------------------------------------------------------------
+
+
+class _ForwardStopped(Exception):
+    """Raised after the last captured layer to end the UNet forward early (caught by the capture)."""
+
+
+class _CapturingProcessor(nn.Module):
+    """Explicit-softmax cross-attention that hands its probabilities to a capture.
+
+    Same math as diffusers' ``AttnProcessor``: ``softmax(q·kᵀ·scale + mask)·v``, with the
+    softmax in float32 (or float64) at least. An ``nn.Module`` so that swapping it in and out
+    with ``Attention.set_processor`` restores the module's child list exactly, whether the
+    original processor is a module or not.
+    """
+
+    def __init__(self, capture: CrossAttentionCapture, name: str):
+        super().__init__()
+        self._capture = capture
+        self._name = name
+
+    def forward(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if isinstance(encoder_hidden_states, tuple):
+            raise ValueError("T-SAM does not support extra image tokens (IP-Adapter) in cross-attention")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, N, C)
+        batch, queries, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # (B, H, 1|N, M)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, M, d)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, M, d)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        exact = torch.promote_types(query.dtype, torch.float32)
+        scores = (query.to(exact) @ key.to(exact).transpose(-1, -2)) * attn.scale  # (B, H, N, M)
+        if attention_mask is not None:
+            scores = scores + attention_mask.to(exact)
+        probabilities = scores.softmax(dim=-1)
+        self._capture._record(self._name, queries, probabilities)
+
+        out = probabilities.to(value.dtype) @ value  # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, N, H·d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class CrossAttentionCapture:
+    """Context manager: explicit-softmax processors on the coarse ``attn2`` layers, and nothing else.
+
+    Inside the ``with`` block, :meth:`probabilities` runs a UNet forward and returns the
+    coarse cross-attention probabilities, mean over heads and layers, **with** gradient. On
+    exit (also after an exception) every processor is put back as it was. Outside
+    :meth:`probabilities` the installed processors compute plain attention and record nothing.
+
+    With ``stop_early`` the forward is ended (by a private exception, caught here) as soon
+    as every captured layer ran: the loss does not depend on the rest of the UNet.
+    """
+
+    def __init__(self, unet: nn.Module, *, level: int = DEFAULT_LEVEL, stop_early: bool = True):
+        self.layers = tuple(coarse_cross_attention_layers(unet, level))
+        self.level = level
+        self.stop_early = stop_early
+        self._originals: list[tuple[nn.Module, object]] = []
+        self._grid: tuple[int, int] | None = None
+        self._records: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> CrossAttentionCapture:
+        if self._originals:
+            raise RuntimeError("CrossAttentionCapture is already installed")
+        try:
+            for layer in self.layers:
+                original = layer.module.processor
+                layer.module.set_processor(_CapturingProcessor(self, layer.name))
+                self._originals.append((layer.module, original))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        while self._originals:
+            module, original = self._originals.pop()
+            module.set_processor(original)
+        self._grid = None
+        self._records = {}
+
+    def probabilities(self, forward: Callable[[], object], grid: tuple[int, int]) -> torch.Tensor:
+        """Run ``forward`` (a UNet call) and return ``(B, h·w, context)`` probabilities.
+
+        ``grid`` is the expected ``(h, w)`` of the captured layers (see :func:`level_grid`); a
+        layer that runs with another query count raises instead of giving wrong maps.
+        """
+        if not self._originals:
+            raise RuntimeError("CrossAttentionCapture.probabilities used outside its with-block")
+        self._grid, self._records = grid, {}
+        try:
+            forward()
+        except _ForwardStopped:
+            pass
+        finally:
+            records, self._records, self._grid = self._records, {}, None
+        missing = [layer.name for layer in self.layers if layer.name not in records]
+        if missing:
+            raise RuntimeError(f"T-SAM: the UNet forward did not run cross-attention layer(s) {missing}")
+        return torch.stack([records[layer.name] for layer in self.layers]).mean(dim=0)  # (B, N, M)
+
+    def _record(self, name: str, queries: int, probabilities: torch.Tensor) -> None:
+        if self._grid is None:
+            return  # not capturing (e.g. an ordinary forward, or a recomputation in backward)
+        height, width = self._grid
+        if queries != height * width:
+            raise RuntimeError(
+                f"T-SAM: {name} ran with {queries} query tokens, expected a {height}×{width} grid "
+                f"(latent halved {self.level} times)"
+            )
+        self._records[name] = probabilities.mean(dim=1)  # (B, N, M), mean over heads
+        if self.stop_early and len(self._records) == len(self.layers):
+            raise _ForwardStopped
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, gradient, update
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """No weight gradients: switch ``requires_grad`` off where it is on, and back on afterwards."""
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+def _autograd_ready(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of an inference-mode tensor (autograd cannot save those), else the tensor itself."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+
+
+def _check_batch(model_input: torch.Tensor, cond: RowConditioning, targets: Sequence[PromptTarget]) -> None:
+    images = model_input.shape[0]
+    if cond.text.shape[0] != images or len(targets) != images:
+        raise ValueError(
+            f"T-SAM: {images} latents, {cond.text.shape[0]} cond rows and {len(targets)} targets; "
+            "give one cond row and one target per image"
+        )
+
+
+@dataclass
+class _Alignment:
+    losses: torch.Tensor  #: (B,) per-image loss
+    maps: list[torch.Tensor]  #: per image (tokens, h, w) smoothed maps
+
+
+def _forward_alignment(
+    capture: CrossAttentionCapture,
+    unet: nn.Module,
+    z: torch.Tensor,
+    timestep: torch.Tensor | float,
+    cond: RowConditioning,
+    targets: Sequence[PromptTarget],
+    mode: str,
+) -> _Alignment:
+    grid = level_grid((z.shape[-2], z.shape[-1]), capture.level)
+    kwargs = cond.unet_kwargs()
+    probabilities = capture.probabilities(lambda: unet(z, timestep, **kwargs, return_dict=False), grid)
+    losses, maps = [], []
+    for image, prompt in enumerate(targets):
+        loss, image_maps = tsam.prompt_loss_and_maps(probabilities[image], grid, prompt, mode)
+        losses.append(loss)
+        maps.append(image_maps)
+    return _Alignment(torch.stack(losses), maps)
+
+
+@contextlib.contextmanager
+def _alignment_session(unet: nn.Module, level: int, stop_early: bool) -> Iterator[CrossAttentionCapture]:
+    with _frozen_parameters(unet), CrossAttentionCapture(unet, level=level, stop_early=stop_early) as capture:
+        yield capture
+
+
+def _prepared(cond: RowConditioning, timestep):
+    cond = RowConditioning(_autograd_ready(cond.text), _autograd_ready(cond.pooled), _autograd_ready(cond.time_ids))
+    return cond, (_autograd_ready(timestep) if torch.is_tensor(timestep) else timestep)
+
+
+def _gradient(
+    capture: CrossAttentionCapture, unet, z: torch.Tensor, timestep, cond, targets, mode: str
+) -> tuple[_Alignment, torch.Tensor]:
+    """Per-image losses and ``∇_z Σ_images loss`` (= each image's own gradient: images never mix)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        z = z.detach().clone().requires_grad_(True)  # a normal leaf even if z is an inference tensor
+        alignment = _forward_alignment(capture, unet, z, timestep, cond, targets, mode)
+        total = alignment.losses.sum()
+        if total.requires_grad:
+            (gradient,) = torch.autograd.grad(total, z)
+        else:  # no prompt with two tokens or more: nothing to align
+            gradient = torch.zeros_like(z)
+    return _Alignment(alignment.losses.detach(), [m.detach() for m in alignment.maps]), gradient
+
+
+def alignment_losses(
+    unet: nn.Module,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor | float,
+    cond: RowConditioning,
+    targets: Sequence[PromptTarget],
+    *,
+    loss: str = "official",
+    level: int = DEFAULT_LEVEL,
+    stop_early: bool = True,
+) -> torch.Tensor:
+    """The T-SAM loss of each image, ``(B,)``, without gradient. ``model_input`` is what the UNet sees."""
+    _check_batch(model_input, cond, targets)
+    cond, timestep = _prepared(cond, timestep)
+    with _alignment_session(unet, level, stop_early) as capture, torch.no_grad():
+        return _forward_alignment(capture, unet, model_input, timestep, cond, targets, loss).losses
+
+
+def alignment_gradient(
+    unet: nn.Module,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor | float,
+    cond: RowConditioning,
+    targets: Sequence[PromptTarget],
+    *,
+    loss: str = "official",
+    level: int = DEFAULT_LEVEL,
+    stop_early: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(losses (B,), ∇ loss w.r.t. model_input)``; the loss is in float32 (float64 for a float64 UNet)."""
+    _check_batch(model_input, cond, targets)
+    cond, timestep = _prepared(cond, timestep)
+    with _alignment_session(unet, level, stop_early) as capture:
+        alignment, gradient = _gradient(capture, unet, model_input, timestep, cond, targets, loss)
+    return alignment.losses, gradient
+
+
+@dataclass(frozen=True)
+class TsamUpdate:
+    """Result of :func:`tsam_update`."""
+
+    model_input: torch.Tensor  #: the updated UNet input z (same dtype as given)
+    losses: torch.Tensor  #: (iterations, B) loss before each update
+    maps: list[torch.Tensor] | None  #: per image (tokens, h, w) smoothed maps of the last forward
+
+
+def tsam_update(
+    unet: nn.Module,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor | float,
+    cond: RowConditioning,
+    targets: Sequence[PromptTarget],
+    settings: TsamSettings,
+    *,
+    step_size: float,
+    iterations: int = 1,
+    level: int = DEFAULT_LEVEL,
+    stop_early: bool = True,
+) -> TsamUpdate:
+    """``iterations`` T-SAM steps ``z ← z − α·∇_z L`` on the UNet input ``z`` of every image.
+
+    Only the cond rows run (``cond`` has one row per image and ``targets[i]`` is image
+    ``i``'s T). The update is computed in float32 and cast back. An image whose loss or
+    gradient is not finite keeps its ``z`` for that iteration (logged on ``seg_tsam``). The
+    UNet is restored exactly when this returns or raises. For Euler-type schedulers map the
+    result back with ``model_input / model_input_scale(...)`` (see the module docstring).
+    """
+    _check_batch(model_input, cond, targets)
+    cond, timestep = _prepared(cond, timestep)
+    z = _autograd_ready(model_input.detach())
+    exact = torch.promote_types(model_input.dtype, torch.float32)
+    losses, maps = [], None
+    with _alignment_session(unet, level, stop_early) as capture:
+        for iteration in range(iterations):
+            alignment, gradient = _gradient(capture, unet, z, timestep, cond, targets, settings.loss)
+            finite = torch.isfinite(gradient).flatten(1).all(dim=1) & torch.isfinite(alignment.losses)  # (B,)
+            for image in (~finite).nonzero().flatten().tolist():
+                logger.warning(
+                    "T-SAM: non-finite loss or gradient for image %d at timestep %s (iteration %d); update skipped",
+                    image, timestep.tolist() if torch.is_tensor(timestep) else timestep, iteration,
+                )
+            stepped = z.to(exact) - step_size * gradient.to(exact)
+            z = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), stepped, z.to(exact)).to(model_input.dtype)
+            losses.append(alignment.losses)
+            maps = alignment.maps
+    stacked = torch.stack(losses) if losses else torch.zeros(0, z.shape[0], dtype=exact)  # (iterations, B)
+    return TsamUpdate(z, stacked, maps if settings.show_maps else None)
+
+
+def model_input_scale(scheduler, timestep: torch.Tensor | float, like: torch.Tensor) -> float:
+    """``c_in`` with ``scheduler.scale_model_input(x, t) = c_in·x`` (1 for DDIM/PNDM, ``1/sqrt(σ²+1)`` for Euler).
+
+    The scheduler's latent after an update of its UNet input ``z'`` is ``z' / c_in``. Call it
+    after the step's own ``scale_model_input`` (Euler-type schedulers set their step index
+    there). Assumes, as every SD scheduler of diffusers does, that the scaling is one scalar
+    factor per step; ``like`` gives the device of the probe.
+    """
+    probe = torch.ones(1, dtype=torch.float32, device=like.device)
+    return float(scheduler.scale_model_input(probe, timestep).reshape(-1)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# T from a pipeline's text encoders
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _eager_attention(text_encoder: nn.Module) -> Iterator[None]:
+    """Eager attention while inside (only eager returns probabilities), the previous setting after."""
+    config = getattr(text_encoder, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous in (None, "eager") or not hasattr(text_encoder, "set_attn_implementation"):
+        yield  # older transformers: always explicit attention
+        return
+    text_encoder.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        text_encoder.set_attn_implementation(previous)
+
+
+#: Set by transformers ≥ 5 on a model whose output-capturing hooks it installed.
+_TRANSFORMERS_CAPTURE_FLAG = "_output_capturing_hooks_installed"
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _no_new_capture_hooks(text_encoder: nn.Module) -> Iterator[None]:
+    """Undo the output-capturing hooks that transformers ≥ 5 installs for good on the first
+    ``output_attentions`` call, so the encoder is left exactly as it was.
+
+    Those hooks are transformers' own (inert outside a capturing call); they are removed
+    only together with the flag that tells transformers they exist, so a later
+    ``output_hidden_states``/``output_attentions`` call reinstalls them. Without that flag
+    (older transformers install none) nothing is touched.
+    """
+    modules = list(text_encoder.modules())
+    flags = [module.__dict__.get(_TRANSFORMERS_CAPTURE_FLAG, _MISSING) for module in modules]
+    hook_keys = [(set(module._forward_hooks), set(module._forward_pre_hooks)) for module in modules]
+    try:
+        yield
+    finally:
+        changed = [
+            (module, flag)
+            for module, flag in zip(modules, flags)
+            if module.__dict__.get(_TRANSFORMERS_CAPTURE_FLAG, _MISSING) is not flag
+        ]
+        if changed:
+            for module, (forward_keys, pre_keys) in zip(modules, hook_keys):
+                for key in set(module._forward_hooks) - forward_keys:
+                    del module._forward_hooks[key]
+                    module._forward_hooks_with_kwargs.pop(key, None)
+                    module._forward_hooks_always_called.pop(key, None)
+                for key in set(module._forward_pre_hooks) - pre_keys:
+                    del module._forward_pre_hooks[key]
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+            for module, flag in changed:
+                if flag is _MISSING:
+                    del module.__dict__[_TRANSFORMERS_CAPTURE_FLAG]
+                else:
+                    module.__dict__[_TRANSFORMERS_CAPTURE_FLAG] = flag
+
+
+def split_prompt_tokens(token_ids: Sequence[int], chunk_length: int = tsam.CHUNK_PROMPT_TOKENS) -> list[list[int]]:
+    """Consecutive ``chunk_length``-token chunks; an empty prompt is one empty chunk."""
+    ids = list(token_ids)
+    return [ids[start : start + chunk_length] for start in range(0, len(ids), chunk_length)] or [[]]
+
+
+def encoder_chunk_targets(
+    tokenizer,
+    text_encoder: nn.Module,
+    prompts: Sequence[str],
+    *,
+    power: float = 3.0,
+    device: torch.device | str | None = None,
+) -> list[list[torch.Tensor]]:
+    """T of every 75-token chunk of every prompt from one encoder: ``[prompt][chunk] → (L, L)``.
+
+    Each chunk is encoded alone as ``BOS, tokens, EOS, padding`` (77 ids), as the WebUI
+    does; the encoder runs once for all chunks, with eager attention and no gradient. The
+    ids go to ``device`` (default: the encoder's parameters' device).
+    """
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    chunks_per_prompt = [
+        split_prompt_tokens(tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids)
+        for prompt in prompts
+    ]
+    rows, eos_positions = [], []
+    for chunks in chunks_per_prompt:
+        for chunk in chunks:
+            padding = [pad] * (tsam.CHUNK_PROMPT_TOKENS - len(chunk))
+            rows.append([bos, *chunk, eos, *padding])  # 77 ids
+            eos_positions.append(len(chunk) + 1)
+    device = device if device is not None else next(text_encoder.parameters()).device
+    ids = torch.tensor(rows, dtype=torch.long, device=device)  # (chunks, 77)
+    with _no_new_capture_hooks(text_encoder), _eager_attention(text_encoder), torch.no_grad():
+        attentions = text_encoder(ids, output_attentions=True).attentions
+    if not attentions:
+        raise RuntimeError("T-SAM: the text encoder returned no attention maps (it needs eager attention)")
+    flat = tsam.text_attention_targets(attentions, eos_positions, power=power)
+    targets, start = [], 0
+    for chunks in chunks_per_prompt:
+        targets.append(flat[start : start + len(chunks)])
+        start += len(chunks)
+    return targets
+
+
+def pipeline_encoders(pipe) -> list[tuple[object, nn.Module]]:
+    """``(tokenizer, text encoder)`` pairs of a pipeline: one for SD1.x/SD2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if is_sdxl(pipe) and getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return [(tokenizer, encoder) for tokenizer, encoder in pairs if tokenizer is not None and encoder is not None]
+
+
+def pipeline_prompt_targets(
+    pipe, prompts: Sequence[str], *, power: float = 3.0, max_chunks: int | None = None
+) -> list[PromptTarget]:
+    """T-SAM targets of ``prompts`` (one per image) from the pipeline's own text encoders.
+
+    A prompt is tokenised without truncation and cut into consecutive 75-token chunks, each
+    encoded alone (BOS + chunk + EOS + padding), so chunk ``c``'s tokens sit at context
+    columns ``77c + 1 …`` of a WebUI-style concatenated conditioning. (The WebUI's own
+    chunker also moves words after the last comma within 20 tokens and honours ``BREAK``; a
+    WebUI adapter must take the chunk boundaries from the WebUI's tokenisation instead.)
+    Diffusers' ``encode_prompt`` truncates to one chunk: pass ``max_chunks=1`` (or
+    ``cond.text.shape[1] // 77``) to keep only the chunks the conditioning has.
+
+    SDXL: T of each encoder, then their average (:func:`tsam.combine_encoder_targets`).
+    """
+    device = getattr(pipe, "_execution_device", None)  # where offloaded encoders run
+    per_encoder = [
+        encoder_chunk_targets(tokenizer, encoder, prompts, power=power, device=device)
+        for tokenizer, encoder in pipeline_encoders(pipe)
+    ]
+    targets = []
+    for prompt_index in range(len(prompts)):
+        chunk_lists = [encoder_targets[prompt_index] for encoder_targets in per_encoder]
+        if len({len(chunks) for chunks in chunk_lists}) != 1:
+            raise ValueError(f"T-SAM: the text encoders split prompt {prompt_index} into different chunk counts")
+        combined = [tsam.combine_encoder_targets(chunk_set) for chunk_set in zip(*chunk_lists)]
+        if max_chunks is not None:
+            combined = combined[:max_chunks]
+        targets.append(tsam.chunk_targets(combined))
+    return targets

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Run the live-WebUI tests against a WebUI prepared by setup_webui.sh.
+#
+# Usage: tests/webui/run_live_tests.sh TARGET [PORT] [-- pytest args…]
+#   TARGET  the folder setup_webui.sh filled (stable-diffusion-webui/, venv/, hf-home/, checkpoints/)
+#   PORT    loopback port for the WebUI (default 7871)
+#
+# 1. starts the WebUI with only the test probe extension and records the image hashes of a few
+#    plain requests (the "without this extension" baseline);
+# 2. restarts it with this extension linked into extensions/ and runs tests/webui/ against it.
+# The WebUI runs in API-only mode on 127.0.0.1 and is stopped on exit.
+set -euo pipefail
+TARGET=$(cd "${1:?usage: run_live_tests.sh TARGET [PORT] [-- pytest args]}" && pwd); shift
+PORT=7871
+if [[ $# -gt 0 && $1 != "--" ]]; then PORT=$1; shift; fi
+[[ ${1:-} == "--" ]] && shift
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+ROOT=$TARGET/stable-diffusion-webui
+EXTENSIONS=$ROOT/extensions
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+URL=http://127.0.0.1:$PORT
+LOG=$(mktemp -d)/webui.log
+SERVER=
+
+stop() {
+  if [[ -n "$SERVER" ]]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; fi
+}
+trap stop EXIT
+
+start() {
+  (cd "$ROOT" && HF_HOME=$TARGET/hf-home HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 exec "$TARGET/venv/bin/python" launch.py \
+    --nowebui --api --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check \
+    --skip-version-check --no-download-sd-model --use-cpu all --no-half --precision full \
+    --server-name 127.0.0.1 --port "$PORT" --ckpt-dir "$TARGET/checkpoints" \
+    --ckpt "$TARGET/checkpoints/tiny-sd1.safetensors") >>"$LOG" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 150); do
+    curl -sf "$URL/seg-tsam-probe/state" >/dev/null 2>&1 && return 0
+    kill -0 "$SERVER" 2>/dev/null || { tail -40 "$LOG"; echo "the WebUI exited (log: $LOG)" >&2; exit 1; }
+    sleep 2
+  done
+  echo "the WebUI did not answer within 5 minutes (log: $LOG)" >&2; exit 1
+}
+
+ln -sfn "$REPO/tests/webui/probe_extension" "$EXTENSIONS/zz-seg-tsam-probe"
+BASELINE=$(mktemp -d)/baseline.json
+
+echo "== baseline: WebUI without this extension"
+rm -f "$EXTENSIONS/sd-webui-seg-tsam"
+start
+SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_RECORD_BASELINE=$BASELINE "$PYTHON" -m pytest "$REPO/tests/webui" -q -k baseline
+stop
+
+echo "== live tests: WebUI with this extension"
+ln -sfn "$REPO" "$EXTENSIONS/sd-webui-seg-tsam"
+start
+status=0
+SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_BASELINE=$BASELINE "$PYTHON" -m pytest "$REPO/tests/webui" -rs "$@" || status=$?
+echo "WebUI log: $LOG"
+exit "$status"
