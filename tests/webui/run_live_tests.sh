@@ -7,8 +7,9 @@
 #
 # 1. starts the WebUI with only the test probe extension and records the image hashes of a few
 #    plain requests (the "without this extension" baseline);
-# 2. restarts it with this extension linked into extensions/ and runs tests/webui/ against it.
-# The WebUI runs in API-only mode on 127.0.0.1 and is stopped on exit.
+# 2. restarts it with this extension as well and runs tests/webui/ against it.
+# The WebUI runs in API-only mode on 127.0.0.1 with a data folder of its own (extensions,
+# settings; models linked), so the WebUI's own folder is not touched. Stopped on exit.
 set -euo pipefail
 TARGET=$(cd "${1:?usage: run_live_tests.sh TARGET [PORT] [-- pytest args]}" && pwd); shift
 PORT=7871
@@ -16,10 +17,13 @@ if [[ $# -gt 0 && $1 != "--" ]]; then PORT=$1; shift; fi
 [[ ${1:-} == "--" ]] && shift
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ROOT=$TARGET/stable-diffusion-webui
-EXTENSIONS=$ROOT/extensions
+DATA=$(mktemp -d)
+EXTENSIONS=$DATA/extensions
+mkdir -p "$EXTENSIONS"
+ln -s "$ROOT/models" "$DATA/models"
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 URL=http://127.0.0.1:$PORT
-LOG=$(mktemp -d)/webui.log
+LOG=$DATA/webui.log
 SERVER=
 
 stop() {
@@ -31,7 +35,7 @@ start() {
   (cd "$ROOT" && HF_HOME=$TARGET/hf-home HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 exec "$TARGET/venv/bin/python" launch.py \
     --nowebui --api --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check \
     --skip-version-check --no-download-sd-model --use-cpu all --no-half --precision full \
-    --server-name 127.0.0.1 --port "$PORT" --ckpt-dir "$TARGET/checkpoints" \
+    --server-name 127.0.0.1 --port "$PORT" --data-dir "$DATA" --ckpt-dir "$TARGET/checkpoints" \
     --ckpt "$TARGET/checkpoints/tiny-sd1.safetensors") >>"$LOG" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 150); do
@@ -43,7 +47,7 @@ start() {
 }
 
 ln -sfn "$REPO/tests/webui/probe_extension" "$EXTENSIONS/zz-seg-tsam-probe"
-BASELINE=$(mktemp -d)/baseline.json
+BASELINE=$DATA/baseline.json
 
 echo "== baseline: WebUI without this extension"
 rm -f "$EXTENSIONS/sd-webui-seg-tsam"
