@@ -16,6 +16,7 @@ import torch
 
 from .adapters.diffusers_pipeline import generate
 from .core.settings import SegSettings, SettingsError
+from .core.tsam import TsamSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start", type=float, default=0.0, help="active from this fraction of the steps")
     parser.add_argument("--end", type=float, default=1.0, help="active until this fraction of the steps")
     parser.add_argument("--no-seg", action="store_true", help="plain CFG, for comparison")
+    parser.add_argument("--tsam", action="store_true", help="also run T-SAM syntactic alignment (official defaults)")
+    parser.add_argument("--tsam-strength", default=5.0, help="T-SAM step-size scale (default 5)")
+    parser.add_argument("--tsam-loss", default="official", choices=["official", "paper"])
     parser.add_argument("--baseline", help="also write the same image without SEG to this path")
     parser.add_argument("--out", default="seg.png")
     return parser
@@ -75,22 +79,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         seg = SegSettings(enabled=not args.no_seg, scale=args.seg_scale, sigma=args.sigma, layers=args.layers,
                           mode=args.mode, start=args.start, end=args.end)
+        tsam = TsamSettings(enabled=args.tsam, strength=args.tsam_strength, loss=args.tsam_loss)
     except SettingsError as error:
-        raise SystemExit(f"invalid SEG setting: {error}") from None
+        raise SystemExit(f"invalid setting: {error}") from None
     width, height = parse_size(args.size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, device)
     common = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.cfg,
                   height=height, width=width, seed=args.seed)
     started = time.perf_counter()
-    image = generate(pipe, args.prompt, seg=seg, **common)[0]
+    image = generate(pipe, args.prompt, seg=seg, tsam=tsam, **common)[0]
     elapsed = time.perf_counter() - started
     image.save(args.out)
     label = "SEG off" if args.no_seg else f"SEG {seg.to_dict()}"
+    if args.tsam:
+        label += f", T-SAM {tsam.to_dict()}"
     print(f"wrote {args.out} ({image.width}x{image.height}, {label}, {elapsed:.1f} s on {device})")
     if args.baseline:
         generate(pipe, args.prompt, seg=None, **common)[0].save(args.baseline)
-        print(f"wrote {args.baseline} (same seed, SEG off)")
+        print(f"wrote {args.baseline} (same seed, SEG and T-SAM off)")
     if args.model is None:
         print("note: no --model given, so this used a tiny random-weight model; the image is noise", file=sys.stderr)
 

@@ -25,8 +25,16 @@ def test_loads_a_saved_diffusers_pipeline_folder(tmp_path, tiny_sd_pipe):
     assert Image.open(out).size == (32, 32)
 
 
+def test_tsam_flag_changes_the_image(tmp_path):
+    plain, aligned = tmp_path / "plain.png", tmp_path / "tsam.png"
+    common = ["--steps", "2", "--size", "32x32", "--no-seg", "--prompt", "a red cat"]
+    cli.main(common + ["--out", str(plain)])
+    cli.main(common + ["--tsam", "--out", str(aligned)])
+    assert Image.open(plain).tobytes() != Image.open(aligned).tobytes()
+
+
 @pytest.mark.parametrize("argv, message", [(["--sigma", "-1"], "sigma"), (["--layers", "q9"], "layers"),
-                                           (["--size", "big"], "--size")])
+                                           (["--size", "big"], "--size"), (["--tsam-strength", "-2"], "strength")])
 def test_bad_arguments_exit_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(argv)

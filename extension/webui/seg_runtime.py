@@ -108,7 +108,9 @@ class SegGeneration:
         self.batch_rows = batch_rows  #: append SEG rows to the WebUI's calls (else one extra call)
         self.max_extra_rows = max_extra_rows  #: chunk size of the extra call (None: all rows at once)
         self._stack = contextlib.ExitStack()
-        self._patches: dict[int, QueryBlurPatch] = {}  # id(inner model) -> its UNet's patch
+        # id(inner model) -> (the inner model, its UNet's patch). The model is kept alive so that
+        # its id cannot be reused by a later denoiser (hires pass) during this generation.
+        self._attached: dict[int, tuple[torch.nn.Module, QueryBlurPatch]] = {}
         self._step: StepRows | None = None
         self._calls: list[_Call] = []
         self._pending: tuple[_Call, list[int], int] | None = None
@@ -121,7 +123,7 @@ class SegGeneration:
     def __exit__(self, *exc_info: object) -> None:
         self._step, self._pending = None, None
         self._stack.close()
-        self._patches.clear()
+        self._attached.clear()
 
     # -- WebUI callback: before every denoiser call ------------------------------------------
     def on_cfg_denoiser(self, params) -> None:
@@ -140,11 +142,11 @@ class SegGeneration:
 
     def _attach(self, denoiser) -> None:
         inner = denoiser.inner_model
-        if id(inner) in self._patches:
+        if id(inner) in self._attached:
             return
         unet = inner.inner_model.model.diffusion_model
         patch = self._stack.enter_context(QueryBlurPatch(select_layers(self_attention_layers(unet), self.settings.layers)))
-        self._patches[id(inner)] = patch
+        self._attached[id(inner)] = (inner, patch)
         handles = [inner.register_forward_pre_hook(self._before_call, with_kwargs=True),
                    inner.register_forward_hook(self._after_call)]
         self._stack.callback(lambda: [handle.remove() for handle in handles])
@@ -178,7 +180,7 @@ class SegGeneration:
         base = x.shape[0]
         index = torch.tensor(local, device=x.device)
         total = base + len(local)
-        self._patches[id(module)].request_blur(range(base, total), total, self.settings.sigma)
+        self._attached[id(module)][1].request_blur(range(base, total), total, self.settings.sigma)
         self._pending = (call, local, base)
         new_args = (append_rows(x, index, base), append_rows(sigma, index, base), *args[2:])
         return new_args, {**kwargs, "cond": append_rows(kwargs.get("cond"), index, base)}
@@ -188,7 +190,7 @@ class SegGeneration:
             return None
         call, local, base = self._pending
         self._pending = None
-        self._patches[id(module)].clear_request()
+        self._attached[id(module)][1].clear_request()
         for offset, position in enumerate(local):
             self._step.blurred[call.rows.start + position] = output[base + offset]
         return output[:base]
@@ -222,7 +224,7 @@ class SegGeneration:
         sigma = torch.cat([call.sigma.index_select(0, index.to(call.sigma.device)) for call, _, index in pieces])
         cond = concat_structures([take_rows(call.cond, index, call.x.shape[0]) for call, _, index in pieces])
         chunk = self.max_extra_rows or len(rows)
-        patch = self._patches[id(model)]
+        patch = self._attached[id(model)][1]
         self._in_extra_pass = True
         try:
             for start in range(0, len(rows), chunk):
