@@ -27,7 +27,7 @@ def test_loads_a_saved_diffusers_pipeline_folder(tmp_path, tiny_sd_pipe):
 
 def test_tsam_flag_changes_the_image(tmp_path):
     plain, aligned = tmp_path / "plain.png", tmp_path / "tsam.png"
-    common = ["--steps", "2", "--size", "32x32", "--no-seg", "--prompt", "a red cat"]
+    common = ["--steps", "2", "--size", "64x48", "--no-seg", "--prompt", "a red cat"]
     cli.main(common + ["--out", str(plain)])
     cli.main(common + ["--tsam", "--out", str(aligned)])
     assert Image.open(plain).tobytes() != Image.open(aligned).tobytes()
