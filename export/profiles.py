@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from ..extension.core.layers import grid_at_level
+
 #: Pixels per latent cell (the VAE's downscale factor).
 LATENT_SCALE = 8
 #: Tokens the text encoder sees per 75-token prompt chunk (BOS + 75 + EOS).
@@ -125,10 +127,8 @@ def parse_axis_range(field: str, value: Any, low: int, high: int, multiple_of: i
 
 
 def grid_size(latent: int, level: int) -> int:
-    """Token-grid side at UNet level ``level`` (0 = latent resolution): ``ceil(latent / 2**level)``."""
-    if level < 0:
-        raise ValueError(f"level must be ≥ 0, got {level}")
-    return -(-latent // (1 << level))
+    """Token-grid side at UNet level ``level`` (0 = latent resolution); see ``grid_at_level``."""
+    return grid_at_level((latent, latent), level)[0]
 
 
 def latent_size(pixels: int) -> int:

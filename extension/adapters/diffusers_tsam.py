@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..core import tsam
+from ..core.layers import grid_at_level
 from ..core.tsam import PromptTarget, TsamSettings
 from .diffusers_conditioning import RowConditioning, is_sdxl
 
@@ -57,16 +58,8 @@ class CrossAttentionLayer:
     level: int  #: the block's feature map is the latent halved (with ceil) ``level`` times
 
 
-def level_grid(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
-    """``(h, w)`` of the feature maps ``level`` ceil-halvings below a latent of ``latent_size``.
-
-    Diffusers' stride-2 downsampling convolution (kernel 3, padding 1) maps ``n`` to ``⌈n/2⌉``,
-    and the up path resizes back to the skip connections' sizes, so both paths agree.
-    """
-    height, width = latent_size
-    for _ in range(level):
-        height, width = (height + 1) // 2, (width + 1) // 2
-    return height, width
+#: Kept for callers of the old name; the grid arithmetic lives in ``core/layers.py``.
+level_grid = grid_at_level
 
 
 def _block_cross_attention(block: nn.Module, prefix: str, level: int) -> list[CrossAttentionLayer]:

@@ -26,6 +26,22 @@ _LETTERS = {"d": "down", "m": "mid", "u": "up"}
 _INDEXED = re.compile(r"^([dmu])(\d+)(?:-(\d+))?$")
 
 
+def grid_at_level(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
+    """The ``(h, w)`` token grid ``level`` stride-2 downsamplings below an ``(H, W)`` latent.
+
+    A stride-2 convolution with padding 1 maps ``n`` to ``⌈n/2⌉``, and the up path resizes
+    back to the skip connections' sizes, so every UNet level of any size is exactly this.
+    """
+    if level < 0:
+        raise ValueError(f"grid level must be ≥ 0, got {level}")
+    height, width = (int(side) for side in latent_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"latent size must be positive, got {latent_size}")
+    for _ in range(level):
+        height, width = -(-height // 2), -(-width // 2)
+    return height, width
+
+
 class LayerSpecError(ValueError):
     """A layer spec that cannot be parsed or does not fit the model."""
 

@@ -21,6 +21,9 @@ DATA=$(mktemp -d)
 EXTENSIONS=$DATA/extensions
 mkdir -p "$EXTENSIONS"
 ln -s "$ROOT/models" "$DATA/models"
+# Options the tests override per request, set explicitly: WebUI 1.10.1 restores an overridden
+# option only when it was set before (see OVERRIDDEN_OPTIONS in test_live_seg.py).
+echo '{"skip_early_cond": 0.0, "batch_cond_uncond": true, "seg_batch_rows": true}' > "$DATA/config.json"
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 URL=http://127.0.0.1:$PORT
 LOG=$DATA/webui.log
