@@ -1,0 +1,261 @@
+"""The "SEG Export" tab and the ``/seg-tsam/*`` API routes.
+
+Imported only inside the WebUI. Handlers are thin: widgets or JSON become an
+:class:`~seg_tsam.export.webui_export.ExportRequest`, the work is done by
+``export/webui_export.py``, and exceptions become a message (tab) or a status code (API).
+onnx, onnxruntime and tensorrt are never imported while the UI is built: the tab only asks
+``importlib.util.find_spec`` whether they are installed; TensorRT's real availability (a CUDA
+device it can use) is checked when an export runs and reported in its result. File paths never
+come from a request: the folders are the WebUI's models folder, the names are derived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+from fastapi import Body, FastAPI, HTTPException
+from modules import paths, script_callbacks, shared
+from modules.call_queue import queue_lock
+
+from ...export import webui_export
+from ...export.profiles import PRESETS
+from ...export.webui_export import (
+    ENGINE_COLUMNS,
+    NO_TENSORRT_HINT,
+    EngineNotFound,
+    ExportFailed,
+    ExportRequest,
+    ExportRequestError,
+)
+
+logger = logging.getLogger("seg_tsam")
+
+CUSTOM = "Custom"
+EXPORT_PACKAGES = "onnx onnxruntime"
+API_PREFIX = "/seg-tsam"
+
+
+# --- WebUI glue -------------------------------------------------------------------------------------
+
+
+def _models_dir() -> str:
+    return paths.models_path
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def plain_attention(unet) -> Iterator[None]:
+    """Trace with the repositories' own attention: undo the WebUI's cross-attention optimisation
+    (it replaces ``CrossAttention.forward`` at class level), re-apply the user's choice after."""
+    from modules import sd_hijack
+
+    sd_hijack.model_hijack.apply_optimizations("None")
+    try:
+        yield
+    finally:
+        sd_hijack.model_hijack.apply_optimizations()
+
+
+def _state_progress(fraction: float, text: str) -> None:
+    shared.state.textinfo = f"SEG export: {text}"
+
+
+def run_export(request: ExportRequest, progress=_state_progress) -> webui_export.ExportResult:
+    """Export under the WebUI's queue lock, so no generation runs on the model meanwhile."""
+    with queue_lock:
+        shared.state.begin(job="seg_export")
+        try:
+            return webui_export.export_current_checkpoint(
+                shared.sd_model, request, models_dir=_models_dir(), attention_path=plain_attention, progress=progress
+            )
+        finally:
+            shared.state.end()
+
+
+def tensorrt_notice() -> str:
+    """The tab's top line when TensorRT is not installed (empty when it is; the full check runs at export)."""
+    if _installed("tensorrt"):
+        return ""
+    return f"⚠️ TensorRT is not installed (`import tensorrt` would fail). {NO_TENSORRT_HINT}"
+
+
+# --- tab handlers -------------------------------------------------------------------------------------
+
+
+def _custom_profile(images, height, width, chunks, rows_per_image) -> dict[str, Any]:
+    def triple(values) -> list[int]:
+        return [int(value) for value in values]
+
+    return {"images": triple(images), "height": triple(height), "width": triple(width),
+            "prompt_chunks": triple(chunks), "rows_per_image": int(rows_per_image)}
+
+
+def request_from_widgets(preset: str, layers: str, precision: str, build_engine: bool,
+                         *custom: float) -> ExportRequest:
+    """Widgets → request. ``custom``: images, height, width, prompt chunks as (min, opt, max) each,
+    then rows per image."""
+    if preset == CUSTOM:
+        ranges = [custom[i:i + 3] for i in range(0, 12, 3)]
+        try:
+            profile = _custom_profile(*ranges, custom[12])
+        except (TypeError, ValueError) as error:
+            raise ExportRequestError(f"custom profile: every range needs whole numbers ({error})") from None
+        return ExportRequest(preset=None, profile=profile, seg_layers=layers, precision=precision,
+                             build_engine=bool(build_engine))
+    return ExportRequest(preset=preset, seg_layers=layers, precision=precision, build_engine=bool(build_engine))
+
+
+def _engine_table() -> list[list[Any]]:
+    try:
+        return webui_export.engine_rows(webui_export.list_engines(_models_dir()))
+    except ExportFailed as error:
+        logger.warning("SEG export: %s", error)
+        return []
+
+
+def _on_export(preset, layers, precision, build_engine, *custom):
+    try:
+        request = request_from_widgets(preset, layers, precision, build_engine, *custom)
+        message = run_export(request).to_markdown()
+    except ExportRequestError as error:
+        message = f"**Invalid request:** {error}"
+    except ExportFailed as error:
+        message = f"**Export failed:** {error}"
+    except Exception as error:  # the UI must answer with a message, not hang
+        logger.exception("SEG export failed")
+        message = f"**Export failed unexpectedly:** {type(error).__name__}: {error}"
+    return message, _engine_table()
+
+
+def _on_delete(engine_id: str):
+    try:
+        entry = webui_export.delete_engine(_models_dir(), (engine_id or "").strip())
+        message = f"Deleted engine `{entry['id']}` ({entry['engine_file']})."
+    except (ExportRequestError, EngineNotFound, ExportFailed) as error:
+        message = f"**Not deleted:** {error}"
+    return message, _engine_table()
+
+
+def _on_install() -> str:
+    import launch  # the WebUI's launcher module; only imported on click
+
+    try:
+        launch.run_pip(f"install {EXPORT_PACKAGES}", "SEG export packages")
+    except Exception as error:
+        return f"**Install failed:** {error}"
+    return "Installed the export packages. Restart the WebUI to use them."
+
+
+# --- the tab ------------------------------------------------------------------------------------------
+
+
+def _range_row(label: str, low: int, high: int, step: int, values: tuple[int, int, int]) -> list:
+    with gr.Row():
+        return [gr.Number(label=f"{label} {part}", value=value, precision=0, minimum=low, maximum=high, step=step)
+                for part, value in zip(("min", "opt", "max"), values)]
+
+
+def on_ui_tabs():
+    with gr.Blocks(analytics_enabled=False) as tab:
+        notice = tensorrt_notice()
+        gr.Markdown(notice, visible=bool(notice), elem_id="seg_export_trt_notice")
+        onnx_missing = not _installed("onnx")
+        with gr.Row(visible=onnx_missing):
+            gr.Markdown(f"The export needs the Python packages `{EXPORT_PACKAGES}`, which are not installed.")
+            install = gr.Button("Install export packages", elem_id="seg_export_install")
+        with gr.Row():
+            preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=next(iter(PRESETS)),
+                                 elem_id="seg_export_preset")
+            layers = gr.Textbox(label="SEG layers", value=webui_export.DEFAULT_LAYERS, elem_id="seg_export_layers")
+            precision = gr.Radio(label="Precision", choices=list(webui_export.PRECISIONS), value="fp16",
+                                 elem_id="seg_export_precision")
+            build_engine = gr.Checkbox(label="Build TensorRT engine", value=True, elem_id="seg_export_build")
+        with gr.Accordion("Custom ranges (profile 'Custom')", open=False):
+            custom = [
+                *_range_row("images", 1, 64, 1, (1, 1, 4)),
+                *_range_row("height px", 256, 4096, 8, (512, 512, 768)),
+                *_range_row("width px", 256, 4096, 8, (512, 512, 768)),
+                *_range_row("prompt chunks", 1, 16, 1, (1, 1, 3)),
+                gr.Number(label="rows per image", value=3, precision=0, minimum=1, maximum=16),
+            ]
+        export = gr.Button("Export", variant="primary", elem_id="seg_export_run")
+        status = gr.Markdown("", elem_id="seg_export_status")
+        engines = gr.Dataframe(headers=list(ENGINE_COLUMNS), value=_engine_table, interactive=False,
+                               elem_id="seg_export_engines")
+        with gr.Row():
+            engine_id = gr.Textbox(label="Engine id to delete", elem_id="seg_export_delete_id")
+            delete = gr.Button("Delete engine", elem_id="seg_export_delete")
+            refresh = gr.Button("Refresh list", elem_id="seg_export_refresh")
+
+        export.click(_on_export, inputs=[preset, layers, precision, build_engine, *custom], outputs=[status, engines])
+        delete.click(_on_delete, inputs=[engine_id], outputs=[status, engines])
+        refresh.click(_engine_table, inputs=[], outputs=[engines])
+        install.click(_on_install, inputs=[], outputs=[status])
+    return [(tab, "SEG Export", "seg_export")]
+
+
+# --- API routes ---------------------------------------------------------------------------------------
+
+
+def _api_export(body: Any = Body(...)) -> dict[str, Any]:
+    try:
+        request = ExportRequest.from_json(body)
+    except ExportRequestError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    try:
+        return {"request": request.to_dict(), **run_export(request).to_dict()}
+    except ExportRequestError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    except ExportFailed as error:
+        raise HTTPException(status_code=500, detail=f"export failed: {error}") from None
+
+
+def _api_engines() -> dict[str, Any]:
+    try:
+        return {"engines": webui_export.list_engines(_models_dir())}
+    except ExportFailed as error:
+        raise HTTPException(status_code=500, detail=str(error)) from None
+
+
+def _api_delete(engine_id: str) -> dict[str, Any]:
+    try:
+        return {"deleted": webui_export.delete_engine(_models_dir(), engine_id)}
+    except ExportRequestError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    except EngineNotFound as error:
+        raise HTTPException(status_code=404, detail=str(error)) from None
+    except ExportFailed as error:
+        raise HTTPException(status_code=500, detail=str(error)) from None
+
+
+def _api_status() -> dict[str, Any]:
+    """What the export can do here, without importing the heavy packages."""
+    return {"onnx_installed": _installed("onnx"), "onnxruntime_installed": _installed("onnxruntime"),
+            "tensorrt_installed": _installed("tensorrt"), "presets": list(PRESETS),
+            "precisions": list(webui_export.PRECISIONS)}
+
+
+def on_app_started(_demo, app: FastAPI) -> None:
+    # sync handlers: FastAPI runs them in its thread pool, so a long export blocks no event loop
+    app.add_api_route(f"{API_PREFIX}/export", _api_export, methods=["POST"])
+    app.add_api_route(f"{API_PREFIX}/export/status", _api_status, methods=["GET"])
+    app.add_api_route(f"{API_PREFIX}/engines", _api_engines, methods=["GET"])
+    app.add_api_route(f"{API_PREFIX}/engines/{{engine_id}}", _api_delete, methods=["DELETE"])
+
+
+def register_callbacks() -> None:
+    """Called by ``scripts/seg_tsam.py`` at every (re)load: the WebUI clears callbacks on reload."""
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_app_started(on_app_started)

@@ -1,0 +1,101 @@
+"""The "SEG Export" API in a live WebUI (CPU, no TensorRT), driven over HTTP.
+
+Set ``SEG_TSAM_WEBUI_URL`` to run (skipped otherwise); the WebUI needs the tiny SD1 checkpoint.
+The export itself needs the ``onnx`` package in the WebUI's Python; without it that test is
+skipped with the reason (the routes and validation are still tested). With
+``SEG_TSAM_WEBUI_MODELS`` (the WebUI's models folder, as the server sees it) the exported file
+is also run with ONNX Runtime from this venv.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from test_live_seg import BASE, URL, call
+
+pytestmark = pytest.mark.skipif(not URL, reason="SEG_TSAM_WEBUI_URL is not set (no live WebUI to test against)")
+
+MODELS = os.environ.get("SEG_TSAM_WEBUI_MODELS")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1():
+    status, models = call("GET", "/sdapi/v1/sd-models")
+    title = next((m["title"] for m in models if "tiny-sd1" in m["title"]), None)
+    if title is None:
+        pytest.skip("the tiny SD1 checkpoint is not installed in this WebUI")
+    status, body = call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": title})
+    assert status == 200, body
+    return title
+
+
+def test_status_and_engine_list_answer():
+    status, body = call("GET", "/seg-tsam/export/status")
+    assert status == 200 and "SD1.x 512-768" in body["presets"], body
+    status, body = call("GET", "/seg-tsam/engines")
+    assert status == 200 and isinstance(body["engines"], list), body
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"preset": "nope"}, "unknown preset"),
+    ({"precision": "int8"}, "precision"),
+    ({"seg_layers": "../../x"}, "layer names"),
+    ({"path": "/tmp/evil.onnx"}, "unknown field"),
+    ({"preset": None, "profile": {"images": 1, "height": 500, "width": 512}}, "height"),
+])
+def test_bad_export_requests_get_422(payload, message):
+    status, body = call("POST", "/seg-tsam/export", payload)
+    assert status == 422 and message in str(body.get("detail")), body
+
+
+@pytest.mark.parametrize("engine_id", ["not-an-id", "0123456789ABCDEF", "..", "engines.json"])
+def test_delete_with_a_bad_id_gets_422(engine_id):
+    status, body = call("DELETE", f"/seg-tsam/engines/{engine_id}")
+    assert status == 422 and "not an engine id" in str(body.get("detail")), body
+
+
+def test_delete_unknown_engine_gets_404():
+    status, body = call("DELETE", "/seg-tsam/engines/" + "0" * 16)
+    assert status == 404, body
+
+
+def test_export_sd1_preset_then_generation_still_works(tiny_sd1):
+    if not call("GET", "/seg-tsam/export/status")[1]["onnx_installed"]:
+        pytest.skip("the WebUI's Python has no onnx package (the tab offers to install it)")
+    status, body = call("POST", "/seg-tsam/export", {"preset": "SD1.x 512-768", "precision": "fp32"})
+    assert status == 200, body
+    assert body["onnx_file"].startswith("Unet-seg-onnx/") and body["onnx_file"].endswith("_mid_fp32.onnx")
+    assert body["static_check"]["ok"], body["static_check"]["summary"]
+    status_info = call("GET", "/seg-tsam/export/status")[1]
+    if not status_info["tensorrt_installed"]:
+        assert not body["engine_built"]
+        assert "tensorrt" in body["engine_not_built_reason"].lower()
+        assert "ONNX export still works" in body["engine_not_built_reason"]
+    status, generated = call("POST", "/sdapi/v1/txt2img", BASE)
+    assert status == 200 and generated["images"], generated
+    if MODELS:
+        _run_with_onnxruntime(Path(MODELS) / body["onnx_file"], body["levels"])
+
+
+def _run_with_onnxruntime(path: Path, levels: list[int]) -> None:
+    """The exported file loads and runs (identity blur rows, one σ-blurred row), finite output."""
+    np = pytest.importorskip("numpy")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import torch
+
+    from seg_tsam.export.seg_unet import blur_matrix_inputs
+
+    session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    context = shapes["encoder_hidden_states"][2]
+    batch, latent = 2, (8, 8)
+    inputs = {"sample": np.random.randn(batch, 4, *latent).astype(np.float32),
+              "timestep": np.full((batch,), 500.0, dtype=np.float32),
+              "encoder_hidden_states": np.random.randn(batch, 77, context).astype(np.float32)}
+    inputs.update({name: tensor.numpy() for name, tensor in
+                   blur_matrix_inputs(levels, latent, batch, [1], 2.0, dtype=torch.float32).items()})
+    output = session.run(None, inputs)[0]
+    assert output.shape == (batch, 4, *latent) and np.isfinite(output).all()
