@@ -23,3 +23,8 @@ else:
     _seg_script = _loader.load("extension.webui.seg_script")
     _seg_script.register_callbacks()
     SegScript = _seg_script.SegScript
+    _tsam_script = _loader.load("extension.webui.tsam_script")
+    _tsam_script.register_callbacks()
+    TsamScript = _tsam_script.TsamScript
+    _export_tab = _loader.load("extension.webui.export_tab")
+    _export_tab.register_callbacks()

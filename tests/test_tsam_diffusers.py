@@ -11,6 +11,7 @@ import torch
 from seg_tsam.extension.adapters import diffusers_tsam, tiny_models
 from seg_tsam.extension.adapters.diffusers_conditioning import RowConditioning
 from seg_tsam.extension.core import tsam
+from seg_tsam.extension.core.layers import grid_at_level
 
 
 def reference_target(attentions, row: int, eos: int, power: float) -> torch.Tensor:
@@ -148,8 +149,8 @@ def test_coarse_layers_of_real_sd15_and_sdxl_layouts():
         "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
         "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
     ]
-    assert diffusers_tsam.level_grid((64, 64), 2) == (16, 16)
-    assert diffusers_tsam.level_grid((135, 240), 2) == (34, 60)  # 1080×1920 on SDXL: ceil-halvings
+    assert grid_at_level((64, 64), 2) == (16, 16)
+    assert grid_at_level((135, 240), 2) == (34, 60)  # 1080×1920 on SDXL: ceil-halvings
     with pytest.raises(ValueError, match="no cross-attention at level 5"):
         diffusers_tsam.coarse_cross_attention_layers(sd15, 5)
 
@@ -174,7 +175,7 @@ def test_captured_probabilities_equal_softmax_of_the_layers(size):
     ] + [layer.module.to_k.register_forward_hook(keep(layer.name, "k")) for layer in layers]
     try:
         with diffusers_tsam.CrossAttentionCapture(unet, level=1, stop_early=False) as capture, torch.no_grad():
-            grid = diffusers_tsam.level_grid(size, 1)
+            grid = grid_at_level(size, 1)
             captured = capture.probabilities(lambda: unet(z, TIMESTEP, encoder_hidden_states=context), grid)
     finally:
         for handle in handles:

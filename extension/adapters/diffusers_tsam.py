@@ -58,10 +58,6 @@ class CrossAttentionLayer:
     level: int  #: the block's feature map is the latent halved (with ceil) ``level`` times
 
 
-#: Kept for callers of the old name; the grid arithmetic lives in ``core/layers.py``.
-level_grid = grid_at_level
-
-
 def _block_cross_attention(block: nn.Module, prefix: str, level: int) -> list[CrossAttentionLayer]:
     return [
         CrossAttentionLayer(f"{prefix}.{name}", module, level)
@@ -223,7 +219,7 @@ class CrossAttentionCapture:
     def probabilities(self, forward: Callable[[], object], grid: tuple[int, int]) -> torch.Tensor:
         """Run ``forward`` (a UNet call) and return ``(B, h·w, context)`` probabilities.
 
-        ``grid`` is the expected ``(h, w)`` of the captured layers (see :func:`level_grid`); a
+        ``grid`` is the expected ``(h, w)`` of the captured layers (see :func:`grid_at_level`); a
         layer that runs with another query count raises instead of giving wrong maps.
         """
         if not self._originals:
@@ -301,7 +297,7 @@ def _forward_alignment(
     targets: Sequence[PromptTarget],
     mode: str,
 ) -> _Alignment:
-    grid = level_grid((z.shape[-2], z.shape[-1]), capture.level)
+    grid = grid_at_level((z.shape[-2], z.shape[-1]), capture.level)
     kwargs = cond.unet_kwargs()
     probabilities = capture.probabilities(lambda: unet(z, timestep, **kwargs, return_dict=False), grid)
     losses, maps = [], []
@@ -465,7 +461,7 @@ _MISSING = object()
 
 
 @contextlib.contextmanager
-def _no_new_capture_hooks(text_encoder: nn.Module) -> Iterator[None]:
+def no_new_capture_hooks(text_encoder: nn.Module) -> Iterator[None]:
     """Undo the output-capturing hooks that transformers ≥ 5 installs for good on the first
     ``output_attentions`` call, so the encoder is left exactly as it was.
 
@@ -535,7 +531,7 @@ def encoder_chunk_targets(
             eos_positions.append(len(chunk) + 1)
     device = device if device is not None else next(text_encoder.parameters()).device
     ids = torch.tensor(rows, dtype=torch.long, device=device)  # (chunks, 77)
-    with _no_new_capture_hooks(text_encoder), _eager_attention(text_encoder), torch.no_grad():
+    with no_new_capture_hooks(text_encoder), _eager_attention(text_encoder), torch.no_grad():
         attentions = text_encoder(ids, output_attentions=True).attentions
     if not attentions:
         raise RuntimeError("T-SAM: the text encoder returned no attention maps (it needs eager attention)")

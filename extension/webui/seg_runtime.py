@@ -86,6 +86,20 @@ def append_rows(value: Any, index: torch.Tensor, rows: int) -> Any:
     return map_tensors(value, extend)
 
 
+def denoiser_progress(denoiser, params) -> tuple[int, int]:
+    """``(call index, expected calls)`` of this denoising pass, from the denoiser's own counter.
+
+    ``params.sampling_step`` lags: the sampler's callback advances it after each step's model
+    call, so steps 0 and 1 both read 0. The denoiser counts its calls itself (second-order
+    samplers call it twice a step) and knows how many to expect, as the WebUI's own
+    skip-early-CFG does with ``step / total_steps``.
+    """
+    total = getattr(denoiser, "total_steps", None)
+    if total:
+        return denoiser.step, total
+    return params.sampling_step, params.total_sampling_steps
+
+
 def row_count(cond: Any) -> int:
     """Rows of a text conditioning: a tensor, or SDXL's dict with ``crossattn``."""
     return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
@@ -130,7 +144,7 @@ class SegGeneration:
         """``script_callbacks.on_cfg_denoiser``: attach to the denoiser, plan this call's rows."""
         denoiser = params.denoiser
         self._step, self._calls, self._pending = None, [], None
-        if not self.settings.active_at(params.sampling_step, params.total_sampling_steps):
+        if not self.settings.active_at(*denoiser_progress(denoiser, params)):
             return
         images = row_count(params.text_uncond)
         cond_rows = params.x.shape[0] - images

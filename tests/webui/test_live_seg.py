@@ -192,6 +192,14 @@ def test_batched_rows_equal_a_separate_pass(model, case):
     assert relative_difference(batched, plain) > 1e-3  # SEG did something in this configuration
 
 
+def test_start_fraction_counts_steps_from_the_first_model_call(model):
+    """start=0.5 over 4 Euler steps: steps 0 and 1 are plain, step 2 is the first guided one."""
+    plain = denoised_steps()
+    late = denoised_steps(seg=[True, 3.0, "2", "all", 0.5, 1.0])
+    assert relative_difference(plain[:2], late[:2]) == 0.0
+    assert relative_difference(plain[2:3], late[2:3]) > 1e-3
+
+
 def test_img2img(model):
     init = generate()["images"][0]
     fields = {"init_images": [init], "denoising_strength": 0.7}

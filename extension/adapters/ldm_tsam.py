@@ -1,0 +1,580 @@
+"""T-SAM on the WebUI's ldm/sgm models: T from its text encoders, S from the UNet's coarse attn2.
+
+The WebUI runs the CompVis ``ldm`` code for SD1.x/SD2.x and Stability's ``sgm`` code for
+SDXL. This module is their counterpart of ``diffusers_tsam.py``; the math is the core's
+(:mod:`..core.tsam`). It imports no WebUI module: it works on the objects the WebUI hands
+out (the UNet, the hijacked text encoders and their ``PromptChunk`` lists).
+
+**Which cross-attention layers (S).** Every ``attn2`` of the UNet has a resolution level:
+the number of stride-2 downsamplings before it (ceil halvings of the latent, so the token
+grid of level ``l`` is :func:`grid_at_level` of the latent). The default level is 2, latent/4:
+the official code's 16×16 maps of SD1.5 at 512² (5 layers: ``input_blocks.7/8`` and
+``output_blocks.3/4/5``; SDXL: ``input_blocks.7/8``, the middle block and
+``output_blocks.0/1/2``). A UNet without cross-attention at that level (e.g. a tiny test
+UNet with two levels) falls back to the **coarsest level that has cross-attention**.
+:class:`LdmCrossAttentionCapture` replaces the ``forward`` of just those modules, on the
+instance, by an explicit-softmax attention that records the probabilities with gradient;
+every other module keeps the WebUI's current attention optimisation. The capture restores
+the modules on exit, and may end the UNet forward right after the last captured layer.
+
+**Text side (T).** Each image's T comes from the prompt text the WebUI encoded for it,
+chunked by the encoder wrapper's own ``tokenize_line`` (75-token ``PromptChunk``s, ``BREAK``,
+comma backtracking, textual-inversion placeholders), so chunk ``c``'s tokens sit at context
+columns ``77c + 1 …`` exactly as in the conditioning the UNet sees.
+
+- Hugging Face CLIP (SD1.x CLIP-L, SDXL's CLIP-L; ``wrapped.transformer`` is a
+  ``CLIPTextModel``): called with ``output_attentions=True`` (transformers 4.30 in the
+  WebUI always runs eager attention, so these are the causal probabilities).
+- OpenCLIP (SD2.x ViT-H, SDXL's ViT-bigG; ``wrapped.model.transformer.resblocks``): its
+  blocks call ``nn.MultiheadAttention`` with ``need_weights=False``, so a forward pre-hook
+  on each block's ``attn`` recomputes the probabilities from the module's input and
+  ``in_proj`` weights (``softmax(q·kᵀ/√d + causal mask)``, per head) while the WebUI's own
+  ``encode_with_transformers`` runs. The hooks only read; they are removed right after.
+
+T is the mean over every encoder layer that runs in the encoder call (all layers; SD2's
+"penultimate" call stops before the last block, which then does not count) and all heads.
+SDXL: T of each encoder, then their average (:func:`tsam.combine_encoder_targets`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import tsam
+from ..core.tsam import ChunkTarget, PromptTarget
+from ..core.layers import grid_at_level
+from .diffusers_tsam import no_new_capture_hooks
+
+logger = logging.getLogger("seg_tsam")
+
+#: Latent/4: the official code's 16×16 maps of SD1.5 at 512².
+DEFAULT_LEVEL = 2
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# UNet: which attn2 layers, at which level
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LdmCrossAttentionLayer:
+    """One ``attn2`` of an ldm/sgm ``UNetModel`` and its resolution level."""
+
+    name: str  #: e.g. ``input_blocks.7.1.transformer_blocks.0.attn2``
+    module: nn.Module  #: the ldm/sgm ``CrossAttention`` (or a memory-efficient variant)
+    level: int  #: the feature map is the latent halved (with ceil) ``level`` times
+
+
+def _contains(block: nn.Module, class_name: str) -> bool:
+    return any(type(module).__name__ == class_name for module in block.modules())
+
+
+def _block_cross_attention(block: nn.Module, prefix: str, level: int) -> list[LdmCrossAttentionLayer]:
+    return [
+        LdmCrossAttentionLayer(f"{prefix}.{name}", module, level)
+        for name, module in block.named_modules()
+        if name.endswith(".attn2") and hasattr(module, "to_q") and hasattr(module, "to_k")
+    ]
+
+
+def cross_attention_layers(unet: nn.Module) -> list[LdmCrossAttentionLayer]:
+    """Every ``attn2`` of an ldm/sgm UNet with its level, in forward order.
+
+    An input block holding a ``Downsample`` (ldm puts it in a block of its own, or inside a
+    ``ResBlock(down=True)``) sends the next blocks one level down; the middle block runs at the
+    lowest level; an output block holding an ``Upsample`` sends the next ones one level up.
+    """
+    layers: list[LdmCrossAttentionLayer] = []
+    level = 0
+    for index, block in enumerate(unet.input_blocks):
+        layers += _block_cross_attention(block, f"input_blocks.{index}", level)
+        level += 1 if _contains(block, "Downsample") else 0
+    layers += _block_cross_attention(unet.middle_block, "middle_block", level)
+    for index, block in enumerate(unet.output_blocks):
+        layers += _block_cross_attention(block, f"output_blocks.{index}", level)
+        level -= 1 if _contains(block, "Upsample") else 0
+    return layers
+
+
+def coarse_level(layers: Sequence[LdmCrossAttentionLayer], preferred: int = DEFAULT_LEVEL) -> int:
+    """``preferred`` if some ``attn2`` runs there, else the coarsest level with cross-attention."""
+    levels = {layer.level for layer in layers}
+    if not levels:
+        raise ValueError("T-SAM: this UNet has no cross-attention (attn2) layers")
+    return preferred if preferred in levels else max(levels)
+
+
+# --------------------------------------------------------------------------------------------
+# UNet: explicit cross-attention probabilities with gradient
+# --------------------------------------------------------------------------------------------
+
+#: ``(context) → (context for keys, context for values)``: the WebUI's hypernetworks hook here.
+ContextTransform = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_attention_with_probabilities(
+    attention: nn.Module,
+    x: torch.Tensor,
+    context: torch.Tensor | None,
+    context_transform: ContextTransform | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ldm/sgm ``CrossAttention`` computed explicitly: ``(output (B, N, C), probabilities (B, H, N, M))``.
+
+    Same math as every attention optimisation of the WebUI: ``to_q``/``to_k``/``to_v``,
+    ``softmax(q·kᵀ/√d)·v`` per head, ``to_out``. The scores and the softmax are in float32
+    (float64 for a float64 model) with autocast off, whatever the model's dtype.
+    """
+    heads = attention.heads
+    context = x if context is None else context
+    context_k, context_v = context_transform(context) if context_transform is not None else (context, context)
+    query, key, value = attention.to_q(x), attention.to_k(context_k), attention.to_v(context_v)
+    batch, queries, inner = query.shape
+    head_dim = inner // heads
+    query = query.view(batch, queries, heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+    key = key.view(batch, key.shape[1], heads, head_dim).transpose(1, 2)  # (B, H, M, d)
+    value = value.view(batch, value.shape[1], heads, head_dim).transpose(1, 2)  # (B, H, M, d)
+    exact = torch.promote_types(query.dtype, torch.float32)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        scores = (query.to(exact) @ key.to(exact).transpose(-1, -2)) * head_dim**-0.5  # (B, H, N, M)
+        probabilities = scores.softmax(dim=-1)
+    out = probabilities.to(value.dtype) @ value  # (B, H, N, d)
+    out = out.transpose(1, 2).reshape(batch, queries, inner)  # (B, N, H·d)
+    return attention.to_out(out), probabilities
+
+
+class _ForwardStopped(Exception):
+    """Raised after the last captured layer to end the UNet forward early (caught by the capture)."""
+
+
+class LdmCrossAttentionCapture:
+    """Context manager: explicit attention on the coarse ``attn2`` modules, and nothing else.
+
+    On enter each chosen module gets an instance-level ``forward`` (explicit softmax, same
+    output); on exit (also after an exception) the instance attribute is removed again, so
+    the class-level forward the WebUI's optimisation installed is back, bit for bit. Inside,
+    :meth:`probabilities` runs one UNet forward and returns the coarse cross-attention
+    probabilities, mean over heads and layers, with gradient.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        level: int | None = None,
+        stop_early: bool = True,
+        context_transform: ContextTransform | None = None,
+    ):
+        layers = cross_attention_layers(unet)
+        self.level = coarse_level(layers, DEFAULT_LEVEL if level is None else level)
+        self.layers = tuple(layer for layer in layers if layer.level == self.level)
+        self.stop_early = stop_early
+        self.context_transform = context_transform
+        self._installed: list[tuple[nn.Module, object]] = []
+        self._grid: tuple[int, int] | None = None
+        self._records: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> LdmCrossAttentionCapture:
+        if self._installed:
+            raise RuntimeError("LdmCrossAttentionCapture is already installed")
+        try:
+            for layer in self.layers:
+                previous = layer.module.__dict__.get("forward", _MISSING)
+                layer.module.forward = self._capturing_forward(layer)
+                self._installed.append((layer.module, previous))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        while self._installed:
+            module, previous = self._installed.pop()
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._grid, self._records = None, {}
+
+    def _capturing_forward(self, layer: LdmCrossAttentionLayer):
+        def forward(x, context=None, mask=None, additional_tokens=None, n_times_crossframe_attn_in_self=0, **kwargs):
+            if mask is not None or additional_tokens is not None or n_times_crossframe_attn_in_self or kwargs:
+                raise NotImplementedError(f"T-SAM: {layer.name} was called with masks or extra tokens")
+            out, probabilities = cross_attention_with_probabilities(layer.module, x, context, self.context_transform)
+            self._record(layer.name, probabilities)
+            return out
+
+        return forward
+
+    def probabilities(self, forward: Callable[[], object], grid: tuple[int, int]) -> torch.Tensor:
+        """Run ``forward`` (a UNet call) and return ``(B, h·w, context)`` probabilities.
+
+        ``grid`` is the expected token grid of the captured layers; a layer that runs with
+        another query count raises instead of giving wrong maps.
+        """
+        if not self._installed:
+            raise RuntimeError("LdmCrossAttentionCapture.probabilities used outside its with-block")
+        self._grid, self._records = grid, {}
+        try:
+            forward()
+        except _ForwardStopped:
+            pass
+        finally:
+            records, self._records, self._grid = self._records, {}, None
+        missing = [layer.name for layer in self.layers if layer.name not in records]
+        if missing:
+            raise RuntimeError(
+                f"T-SAM: the UNet forward did not run cross-attention layer(s) {missing} "
+                "(a replacement UNet such as a TensorRT engine is not supported)"
+            )
+        return torch.stack([records[layer.name] for layer in self.layers]).mean(dim=0)  # (B, N, M)
+
+    def _record(self, name: str, probabilities: torch.Tensor) -> None:
+        if self._grid is None:
+            return
+        height, width = self._grid
+        if probabilities.shape[-2] != height * width:
+            raise RuntimeError(
+                f"T-SAM: {name} ran with {probabilities.shape[-2]} query tokens, expected a {height}×{width} grid "
+                f"(latent halved {self.level} times)"
+            )
+        self._records[name] = probabilities.mean(dim=1)  # (B, N, M), mean over heads
+        if self.stop_early and len(self._records) == len(self.layers):
+            raise _ForwardStopped
+
+
+@contextlib.contextmanager
+def _frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """No weight gradients: ``requires_grad`` off where it is on, and back on afterwards."""
+    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _no_gradient_checkpointing(unet: nn.Module) -> Iterator[None]:
+    """ldm/sgm blocks with ``checkpoint``/``use_checkpoint`` set run their forward without
+    gradient; the WebUI turns that off at load, this makes sure of it for the T-SAM pass only."""
+    flipped = []
+    for module in unet.modules():
+        for attribute in ("checkpoint", "use_checkpoint"):
+            if module.__dict__.get(attribute) is True:
+                setattr(module, attribute, False)
+                flipped.append((module, attribute))
+    try:
+        yield
+    finally:
+        for module, attribute in flipped:
+            setattr(module, attribute, True)
+
+
+@contextlib.contextmanager
+def alignment_session(
+    unet: nn.Module, *, level: int | None = None, context_transform: ContextTransform | None = None
+) -> Iterator[LdmCrossAttentionCapture]:
+    """Everything one T-SAM update changes on the UNet, undone on exit: frozen weights, no
+    gradient checkpointing, explicit attention on the coarse ``attn2`` layers."""
+    capture = LdmCrossAttentionCapture(unet, level=level, context_transform=context_transform)
+    with _frozen_parameters(unet), _no_gradient_checkpointing(unet), capture:
+        yield capture
+
+
+# --------------------------------------------------------------------------------------------
+# Loss, gradient, descent (the cond rows of one denoiser call)
+# --------------------------------------------------------------------------------------------
+
+#: Runs the UNet on a ``(B, 4, h, w)`` input ``z`` (cond rows only).
+UnetCall = Callable[[torch.Tensor], object]
+
+
+@dataclass(frozen=True)
+class Alignment:
+    losses: torch.Tensor  #: (B,) per-image loss
+    maps: list[torch.Tensor]  #: per image (ΣL, h, w) smoothed token maps, chunks concatenated
+
+
+def _alignment(
+    capture: LdmCrossAttentionCapture, run_unet: UnetCall, z: torch.Tensor, targets: Sequence[PromptTarget], mode: str
+) -> Alignment:
+    grid = grid_at_level((z.shape[-2], z.shape[-1]), capture.level)
+    probabilities = capture.probabilities(lambda: run_unet(z), grid)  # (B, h·w, context)
+    losses, maps = [], []
+    for image, target in enumerate(targets):
+        loss, image_maps = tsam.prompt_loss_and_maps(probabilities[image], grid, target, mode)
+        losses.append(loss)
+        maps.append(image_maps)
+    return Alignment(torch.stack(losses), maps)
+
+
+def alignment_losses(
+    capture: LdmCrossAttentionCapture, run_unet: UnetCall, z: torch.Tensor, targets: Sequence[PromptTarget], mode: str
+) -> Alignment:
+    """Losses and maps at ``z``, without gradient."""
+    with torch.no_grad():
+        return _alignment(capture, run_unet, z, targets, mode)
+
+
+def alignment_gradient(
+    capture: LdmCrossAttentionCapture, run_unet: UnetCall, z: torch.Tensor, targets: Sequence[PromptTarget], mode: str
+) -> tuple[Alignment, torch.Tensor]:
+    """``(alignment at z, ∇_z Σ_images loss)``; images never mix in the UNet, so each image's
+    slice of the gradient is the gradient of its own loss."""
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = z.detach().clone().requires_grad_(True)  # a normal leaf even if z is an inference tensor
+        alignment = _alignment(capture, run_unet, leaf, targets, mode)
+        total = alignment.losses.sum()
+        if total.requires_grad:
+            (gradient,) = torch.autograd.grad(total, leaf)
+        else:  # no prompt with two tokens or more: nothing to align
+            gradient = torch.zeros_like(leaf)
+    return Alignment(alignment.losses.detach(), [maps.detach() for maps in alignment.maps]), gradient
+
+
+@dataclass(frozen=True)
+class Descent:
+    """Result of :func:`descend`."""
+
+    model_input: torch.Tensor  #: the updated ``z`` (float32 or wider)
+    changed: torch.Tensor  #: (B,) bool: the image's ``z`` was updated at least once
+    losses: torch.Tensor  #: (iterations run, B) loss before each update
+    first: Alignment | None  #: losses and maps of the first forward (before any update)
+
+
+def descend(
+    capture: LdmCrossAttentionCapture,
+    run_unet: UnetCall,
+    z: torch.Tensor,
+    targets: Sequence[PromptTarget],
+    mode: str,
+    *,
+    step_size: float,
+    iterations: int,
+    should_stop: Callable[[], bool] | None = None,
+    where: str = "",
+) -> Descent:
+    """``iterations`` steps ``z ← z − α·∇_z L`` for every image, in float32 (or wider).
+
+    An image whose loss or gradient is not finite keeps its ``z`` for that iteration and a
+    warning names it (logger ``seg_tsam``). ``should_stop`` is polled between iterations
+    (the WebUI's interrupt button).
+    """
+    if len(targets) != z.shape[0]:
+        raise ValueError(f"T-SAM: {z.shape[0]} latents but {len(targets)} targets")
+    exact = torch.promote_types(z.dtype, torch.float32)
+    z = z.detach().to(exact)
+    changed = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    losses, first = [], None
+    for iteration in range(iterations):
+        if should_stop is not None and should_stop():
+            break
+        alignment, gradient = alignment_gradient(capture, run_unet, z, targets, mode)
+        first = alignment if first is None else first
+        finite = torch.isfinite(gradient).flatten(1).all(dim=1) & torch.isfinite(alignment.losses)  # (B,)
+        for image in (~finite).nonzero().flatten().tolist():
+            logger.warning(
+                "T-SAM: non-finite loss or gradient for image %d %s(iteration %d); update skipped",
+                image, where, iteration,
+            )
+        stepped = z - step_size * gradient.to(exact)
+        z = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), stepped, z)
+        changed |= finite
+        losses.append(alignment.losses)
+    stacked = torch.stack(losses) if losses else z.new_zeros((0, z.shape[0]))
+    return Descent(z, changed, stacked, first)
+
+
+# --------------------------------------------------------------------------------------------
+# Text side: the WebUI's encoder wrappers → T per prompt
+# --------------------------------------------------------------------------------------------
+
+
+def text_embedders(cond_stage_model: nn.Module) -> list[nn.Module]:
+    """The WebUI's prompt-encoder wrappers of a model: one (SD1.x, SD2.x) or two (SDXL's conditioner)."""
+    embedders = getattr(cond_stage_model, "embedders", None)
+    candidates = list(embedders) if embedders is not None else [cond_stage_model]
+    found = [embedder for embedder in candidates if hasattr(embedder, "tokenize_line") and hasattr(embedder, "wrapped")]
+    if not found:
+        raise ValueError("T-SAM: no WebUI prompt encoder (SD1.x/SD2.x/SDXL CLIP or OpenCLIP) in this model")
+    for embedder in found:
+        encoder_kind(embedder)  # raises for an encoder we cannot read attentions from
+    return found
+
+
+def encoder_kind(embedder: nn.Module) -> str:
+    """``"hf_clip"`` (a transformers CLIP text model) or ``"open_clip"`` (OpenCLIP resblocks)."""
+    wrapped = embedder.wrapped
+    if hasattr(getattr(wrapped, "transformer", None), "config"):  # transformers' CLIPTextModel
+        return "hf_clip"
+    if hasattr(getattr(getattr(wrapped, "model", None), "transformer", None), "resblocks"):
+        return "open_clip"
+    raise ValueError(f"T-SAM: text encoder {type(wrapped).__name__} is not supported (CLIP or OpenCLIP only)")
+
+
+def chunk_eos_position(tokens: Sequence[int], end_id: int) -> int:
+    """Position of a 77-token chunk's EOS: the first end-of-text id after BOS."""
+    try:
+        return list(tokens).index(end_id, 1)
+    except ValueError:
+        raise ValueError("T-SAM: a prompt chunk without an end-of-text token") from None
+
+
+def _parameter_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _chunk_token_ids(embedder: nn.Module, chunks: Sequence, device: torch.device) -> torch.Tensor:
+    """``(chunks, 77)`` ids as the WebUI encodes them (OpenCLIP: pad id after EOS)."""
+    ids = torch.tensor([list(chunk.tokens) for chunk in chunks], dtype=torch.long, device=device)
+    if embedder.id_end != embedder.id_pad:
+        for row, chunk in enumerate(chunks):
+            ids[row, chunk_eos_position(chunk.tokens, embedder.id_end) + 1 :] = embedder.id_pad
+    return ids
+
+
+def multihead_attention_probabilities(
+    attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal probabilities ``(N, heads, L, S)`` of an ``nn.MultiheadAttention`` call, from its
+    inputs and ``in_proj`` weights (the module itself returns none with ``need_weights=False``).
+
+    ``attn_mask`` (float, added; or bool, True = masked) is applied on top of the causal mask.
+    """
+    if not attention._qkv_same_embed_dim:
+        raise ValueError("T-SAM: OpenCLIP attention with separate q/k/v projections is not supported")
+    if not attention.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)  # (L, N, E) → (N, L, E)
+    embed, heads = attention.embed_dim, attention.num_heads
+    weight, bias = attention.in_proj_weight, attention.in_proj_bias
+    q = F.linear(query, weight[:embed], None if bias is None else bias[:embed])  # (N, L, E)
+    k = F.linear(key, weight[embed : 2 * embed], None if bias is None else bias[embed : 2 * embed])  # (N, S, E)
+    batch, length, _ = q.shape
+    head_dim = embed // heads
+    q = q.view(batch, length, heads, head_dim).transpose(1, 2)  # (N, H, L, d)
+    k = k.view(batch, k.shape[1], heads, head_dim).transpose(1, 2)  # (N, H, S, d)
+    exact = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        scores = (q.to(exact) @ k.to(exact).transpose(-1, -2)) * head_dim**-0.5  # (N, H, L, S)
+        future = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, -math.inf)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(attn_mask, -math.inf)
+            else:
+                scores = scores + attn_mask.to(exact)
+        return scores.softmax(dim=-1)
+
+
+def _hf_clip_attentions(embedder: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    transformer = embedder.wrapped.transformer
+    with no_new_capture_hooks(transformer):  # transformers ≥ 5 would leave hooks behind; 4.30 installs none
+        outputs = transformer(input_ids=ids, output_attentions=True)
+    attentions = getattr(outputs, "attentions", None)
+    if not attentions or attentions[0] is None:
+        raise RuntimeError("T-SAM: the CLIP text model returned no attention maps (it needs eager attention)")
+    return list(attentions)
+
+
+def _open_clip_attentions(embedder: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    records: list[torch.Tensor] = []
+
+    def record(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs.get("key", query)
+        attn_mask = args[5] if len(args) > 5 else kwargs.get("attn_mask")
+        records.append(multihead_attention_probabilities(module, query, key, attn_mask))
+
+    blocks = embedder.wrapped.model.transformer.resblocks
+    handles = [block.attn.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    try:
+        embedder.encode_with_transformers(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+def chunk_attentions(embedder: nn.Module, chunks: Sequence) -> list[torch.Tensor]:
+    """Per encoder layer that ran, ``(chunks, heads, 77, 77)`` attention probabilities of the
+    WebUI's ``PromptChunk``s (textual-inversion vectors placed as the WebUI places them)."""
+    ids = _chunk_token_ids(embedder, chunks, _parameter_device(embedder.wrapped))
+    reader = _hf_clip_attentions if encoder_kind(embedder) == "hf_clip" else _open_clip_attentions
+    embedder.hijack.fixes = [chunk.fixes for chunk in chunks]  # read (and cleared) by the embedding layer
+    try:
+        with torch.no_grad():
+            return reader(embedder, ids)
+    finally:
+        embedder.hijack.fixes = None
+
+
+def _token_text(embedder: nn.Module, token_id: int) -> str:
+    tokenizer = getattr(embedder, "tokenizer", None) or getattr(embedder.wrapped, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens"):
+        text = tokenizer.convert_ids_to_tokens(int(token_id))
+    else:  # OpenCLIP: the WebUI tokenises with open_clip's simple tokenizer
+        import open_clip.tokenizer  # noqa: PLC0415  (present wherever an OpenCLIP model runs)
+
+        text = open_clip.tokenizer._tokenizer.decoder.get(int(token_id), "?")
+    return str(text).replace("</w>", "")
+
+
+def chunk_labels(embedder: nn.Module, chunk) -> list[str]:
+    """Display labels of a chunk's prompt tokens (positions ``1 … eos−1``); embedding vectors
+    are labelled with the embedding's name."""
+    eos = chunk_eos_position(chunk.tokens, embedder.id_end)
+    labels = [_token_text(embedder, token) for token in chunk.tokens[1:eos]]
+    for offset, embedding in chunk.fixes:
+        for position in range(offset, min(offset + int(getattr(embedding, "vectors", 1)), len(labels))):
+            labels[position] = f"<{getattr(embedding, 'name', 'emb')}>"
+    return labels
+
+
+@dataclass(frozen=True)
+class TextTarget:
+    """T of one prompt text and the labels of its prompt tokens (chunks concatenated)."""
+
+    target: PromptTarget
+    labels: tuple[str, ...]
+    chunk_sizes: tuple[int, ...] = field(default=())
+
+    def to(self, device: torch.device) -> TextTarget:
+        moved = tuple(ChunkTarget(chunk.offset, chunk.matrix.to(device)) for chunk in self.target)
+        return TextTarget(moved, self.labels, self.chunk_sizes)
+
+
+def text_target(embedders: Sequence[nn.Module], text: str, *, power: float) -> TextTarget:
+    """T of ``text`` from the WebUI's encoder wrappers, chunked exactly as the WebUI encodes it.
+
+    Each encoder gives one ``(L, L)`` T per chunk (:func:`tsam.text_attention_targets`); with
+    several encoders (SDXL) each chunk's T is their average. Encoders that chunk the text
+    differently raise (SDXL's two tokenisers agree on every prompt in practice).
+    """
+    per_encoder, labels, sizes = [], None, None
+    for embedder in embedders:
+        chunks, _ = embedder.tokenize_line(text)
+        eos_positions = [chunk_eos_position(chunk.tokens, embedder.id_end) for chunk in chunks]
+        attentions = chunk_attentions(embedder, chunks)
+        per_encoder.append(tsam.text_attention_targets(attentions, eos_positions, power=power))
+        if labels is None:
+            labels = [label for chunk in chunks for label in chunk_labels(embedder, chunk)]
+            sizes = tuple(position - 1 for position in eos_positions)
+    layouts = {tuple(matrix.shape[0] for matrix in targets) for targets in per_encoder}
+    if len(layouts) != 1:
+        raise ValueError(f"T-SAM: the text encoders chunk {text!r} differently ({sorted(layouts)} tokens per chunk)")
+    combined = [tsam.combine_encoder_targets(list(chunk_set)) for chunk_set in zip(*per_encoder)]
+    return TextTarget(tsam.chunk_targets(combined), tuple(labels), sizes)

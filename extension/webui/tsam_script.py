@@ -1,0 +1,385 @@
+"""The "T-SAM alignment" always-on script: UI, infotext, X/Y/Z axes, settings, API, "show maps".
+
+Imported only inside the WebUI (it imports ``modules.*``). Like the SEG script it translates
+widgets and API arguments into :class:`TsamSettings` (``tsam_args.py``), refuses what it
+cannot do with a 422 before anything touches the model, and wraps ``p.sample`` so that every
+hook lives exactly as long as the sampling call (:class:`TsamGeneration`). The sampler only
+exists inside ``p.sample``; ``process_before_every_sampling`` attaches the generation to it
+(first pass only: the hires-fix second pass refines an image whose layout is already set).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+import torch
+from modules import script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+from PIL import Image, ImageDraw, ImageFont
+
+from ..adapters import ldm_tsam
+from ..core import tsam
+from ..core.settings import SettingsError
+from ..core.tsam import LOSS_MODES, TsamSettings
+from ..core.tsam_infotext import INFOTEXT_KEYS, to_infotext
+from .tsam_args import settings_from_args
+from .tsam_runtime import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
+
+logger = logging.getLogger("seg_tsam")
+
+SETTINGS_SECTION = ("seg_tsam", "SEG / T-SAM")
+TITLE = "T-SAM alignment"
+
+
+class TsamError(RuntimeError):
+    """Raised from ``p.sample`` so a bad T-SAM request fails with a clear message.
+
+    The WebUI's API error handler answers with the instance's ``status_code`` and ``detail``.
+    """
+
+    def __init__(self, message: str, status_code: int = 422):
+        super().__init__(message)
+        self.status_code = status_code
+        self.detail = message
+
+
+class _Active:
+    """The generation whose hooks are installed right now (the WebUI runs one at a time)."""
+
+    generation: TsamGeneration | None = None
+
+
+def _option(key: str, default):
+    return shared.opts.data.get(key, default)
+
+
+class TsamScript(scripts.Script):
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        defaults = TsamSettings()
+        with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
+            with gr.Row():
+                strength = gr.Slider(label="Strength (step size α, official 5)", minimum=0.0, maximum=100.0, step=0.5,
+                                     value=_option("tsam_default_strength", defaults.strength),
+                                     elem_id=self.elem_id("strength"))
+                active_fraction = gr.Slider(label="Active fraction of steps (official 0.6)", minimum=0.0, maximum=1.0,
+                                            step=0.05, value=_option("tsam_default_active_fraction",
+                                                                     defaults.active_fraction),
+                                            elem_id=self.elem_id("active_fraction"))
+            with gr.Row():
+                iterations = gr.Slider(label="Iterations per step", minimum=1, maximum=10, step=1,
+                                       value=_option("tsam_default_iterations", defaults.iterations),
+                                       elem_id=self.elem_id("iterations"))
+                refinement_steps = gr.Textbox(label="Refinement steps (fractions, e.g. 0,0.2,0.4; or none)",
+                                              value=_option("tsam_default_refinement_steps",
+                                                            defaults.refinement_steps),
+                                              elem_id=self.elem_id("refinement_steps"))
+                refinement_iterations = gr.Slider(label="Refinement iterations", minimum=0, maximum=50, step=1,
+                                                  value=_option("tsam_default_refinement_iterations",
+                                                                defaults.refinement_iterations),
+                                                  elem_id=self.elem_id("refinement_iterations"))
+            with gr.Row():
+                loss = gr.Radio(label="Loss (official = row cosine, paper = L1)", choices=list(LOSS_MODES),
+                                value=_option("tsam_default_loss", defaults.loss), elem_id=self.elem_id("loss"))
+                power = gr.Slider(label="Power on T (official 3, paper 4)", minimum=0.5, maximum=8.0, step=0.5,
+                                  value=_option("tsam_default_power", defaults.power), elem_id=self.elem_id("power"))
+                show_maps = gr.Checkbox(label="Show maps (T, S before/after, token maps)", value=False,
+                                        elem_id=self.elem_id("show_maps"))
+        keys = INFOTEXT_KEYS
+        self.infotext_fields = [
+            (enabled, lambda params: keys["strength"] in params),
+            (strength, keys["strength"]), (active_fraction, keys["active_fraction"]),
+            (iterations, keys["iterations"]), (refinement_steps, keys["refinement_steps"]),
+            (refinement_iterations, keys["refinement_iterations"]), (loss, keys["loss"]), (power, keys["power"]),
+        ]
+        self.paste_field_names = list(keys.values())
+        return [enabled, strength, active_fraction, iterations, refinement_steps, refinement_iterations, loss, power,
+                show_maps]
+
+    def process(self, p, *args):
+        try:
+            settings = settings_from_args(args, getattr(p, "tsam_overrides", None))
+            if settings.has_effect:
+                _check_supported(p)
+        except SettingsError as error:
+            logger.error("T-SAM: %s", error)
+            _fail_sampling(p, f"{TITLE}: {error}")
+            return
+        if not settings.has_effect:
+            return
+        p.extra_generation_params.update(to_infotext(settings))
+        _wrap_sampling(p, settings)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        generation = _Active.generation
+        if generation is None or generation.owner is not p or getattr(p, "is_hr_pass", False):
+            return
+        try:
+            generation.attach(p.sampler, _image_prompt_texts(p))
+        except Exception as error:
+            generation.attach_error = error  # the WebUI only prints errors raised here; p.sample re-raises
+            raise
+
+    def postprocess(self, p, processed, *args):
+        records = getattr(p, "tsam_maps", None)
+        if not records:
+            return
+        for index, record in enumerate(records):
+            if record is None:
+                continue
+            processed.images.append(render_maps(record))
+            infotext_index = processed.index_of_first_image + index
+            infotexts = processed.infotexts
+            infotexts.append(infotexts[infotext_index] if infotext_index < len(infotexts) else processed.info)
+
+
+def _check_supported(p) -> None:
+    """Refuse, with a message, what T-SAM cannot do (before anything touches the model)."""
+    from modules import sd_samplers, sd_unet  # noqa: PLC0415
+
+    model = shared.sd_model
+    if getattr(model, "cond_stage_key", None) == "edit":
+        raise SettingsError("InstructPix2Pix (edit) models are not supported")
+    if sd_unet.current_unet is not None:
+        raise SettingsError("a replacement UNet (sd_unet, e.g. a TensorRT engine) is active; T-SAM needs the "
+                            "PyTorch UNet")
+    if shared.opts.use_old_emphasis_implementation:
+        raise SettingsError("the old emphasis implementation chunks prompts differently; turn it off")
+    config = sd_samplers.find_sampler_config(p.sampler_name)
+    sampler = config.name if config is not None else p.sampler_name
+    if sampler in UNSUPPORTED_SAMPLERS:
+        raise SettingsError(f"sampler {sampler}: {UNSUPPORTED_SAMPLERS[sampler]}")
+    try:
+        ldm_tsam.text_embedders(model.cond_stage_model)
+        ldm_tsam.coarse_level(ldm_tsam.cross_attention_layers(model.model.diffusion_model))
+    except (ValueError, AttributeError) as error:
+        raise SettingsError(str(error).removeprefix("T-SAM: ")) from None
+
+
+def _fail_sampling(p, message: str) -> None:
+    def sample(*args, **kwargs):
+        raise TsamError(message)
+
+    p.sample = sample
+
+
+def _interrupted() -> bool:
+    return bool(shared.state.interrupted or shared.state.skipped)
+
+
+def _hypernetwork_context(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values context as the WebUI's attention optimisations compute it (hypernetworks)."""
+    from modules.hypernetworks import hypernetwork  # noqa: PLC0415
+
+    return hypernetwork.apply_hypernetworks(shared.loaded_hypernetworks, context)
+
+
+def _image_prompt_texts(p) -> list[list[str]]:
+    """Per image of the batch: the texts the WebUI encodes for its first ``AND`` part, in
+    prompt-editing order, computed with the WebUI's own parsers and step count."""
+    from modules import prompt_parser  # noqa: PLC0415
+
+    indexes, flat, _ = prompt_parser.get_multicond_prompt_list(p.prompts)
+    steps = getattr(p, "firstpass_steps", None) or p.steps
+    schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
+        list(flat), steps, None, shared.opts.use_old_scheduling)
+    return [[text for _, text in schedules[parts[0][0]]] for parts in indexes]
+
+
+def _wrap_sampling(p, settings: TsamSettings) -> None:
+    """Run ``p.sample`` (both hires passes included) inside one :class:`TsamGeneration`."""
+    original = p.sample
+
+    def sample(*args, **kwargs):
+        generation = TsamGeneration(settings, owner=p, should_stop=_interrupted,
+                                    context_transform=_hypernetwork_context)
+        with generation:
+            _Active.generation = generation
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                _Active.generation = None
+        if generation.attach_error is not None:
+            raise TsamError(f"{TITLE}: could not attach to the sampler: {generation.attach_error}", 500)
+        if settings.show_maps:
+            p.tsam_maps = [*getattr(p, "tsam_maps", []), *generation.maps]
+        return result
+
+    p.sample = sample
+
+
+# --------------------------------------------------------------------------------------------
+# "Show maps": one gallery image per generated image
+# --------------------------------------------------------------------------------------------
+
+_TILE = 56  #: pixels of one token map
+_TILES_PER_ROW = 12
+_MATRIX_PIXELS = 300  #: target size of a T/S matrix panel
+_BACKGROUND = (24, 24, 24)
+_TEXT = (235, 235, 235)
+
+
+def _heat(value: float) -> tuple[int, int, int]:
+    """Black → red → yellow → white for ``value`` in [0, 1]."""
+    value = min(max(value, 0.0), 1.0)
+    return (int(255 * min(1.0, 3 * value)), int(255 * min(1.0, max(0.0, 3 * value - 1))),
+            int(255 * min(1.0, max(0.0, 3 * value - 2))))
+
+
+def _cell_size(tokens: int) -> int:
+    """Pixels per matrix entry: up to 24, so that a matrix panel stays about ``_MATRIX_PIXELS`` wide."""
+    return max(2, min(24, _MATRIX_PIXELS // max(tokens, 1)))
+
+
+def _normalised(matrix: torch.Tensor) -> torch.Tensor:
+    """The lower triangle scaled by its largest entry below the diagonal (else its largest entry)."""
+    lower = matrix.tril()
+    peak = float(matrix.tril(-1).max()) if matrix.shape[0] > 1 else 0.0
+    if peak <= 0:
+        peak = float(lower.max()) if lower.numel() else 0.0
+    return (lower / peak).clamp(0, 1) if peak > 0 else lower
+
+
+def _similarity_blocks(maps: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Block-diagonal S (one block per prompt chunk, as the loss sees it) from ``(ΣL, h, w)`` maps."""
+    blocks, start = [], 0
+    for size in sizes:
+        blocks.append(tsam.map_similarity(maps[start:start + size].float()))
+        start += size
+    return torch.block_diag(*blocks) if blocks else torch.zeros(0, 0)
+
+
+def _draw_matrix(draw: ImageDraw.ImageDraw, origin: tuple[int, int], matrix: torch.Tensor, title: str,
+                 labels: tuple[str, ...], font, rescale: bool) -> None:
+    """The lower triangle as a heat map, rows labelled ``index token``; ``rescale`` stretches the
+    entries below the diagonal to the full colour range (T), else values are shown as they are (S: cosines)."""
+    left, top = origin
+    draw.text((left, top), title, fill=_TEXT, font=font)
+    top += 16
+    tokens = matrix.shape[0]
+    cell = _cell_size(tokens)
+    label_width = 90
+    shown = _normalised(matrix.float()) if rescale else matrix.float().tril().clamp(0, 1)
+    values = shown.tolist() if tokens else []
+    for row in range(tokens):
+        if cell >= 8:
+            draw.text((left, top + row * cell + (cell - 10) // 2), f"{row} {labels[row]}"[:14], fill=_TEXT, font=font)
+        for column in range(row + 1):
+            x0, y0 = left + label_width + column * cell, top + row * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=_heat(values[row][column]))
+
+
+def _tile(token_map: torch.Tensor) -> Image.Image:
+    peak = float(token_map.max())
+    scaled = (token_map / peak if peak > 0 else token_map).clamp(0, 1)
+    pixels = [_heat(float(value)) for value in scaled.flatten()]
+    image = Image.new("RGB", (token_map.shape[1], token_map.shape[0]))
+    image.putdata(pixels)
+    return image.resize((_TILE, _TILE), Image.NEAREST)
+
+
+def render_maps(record: ImageMaps) -> Image.Image:
+    """T, S before/after (lower triangles, row-labelled with the tokens) and each token's
+    smoothed cross-attention map before and after alignment."""
+    font = ImageFont.load_default()
+    labels, sizes = record.target.labels, record.target.chunk_sizes
+    target = torch.block_diag(*[chunk.matrix.float().cpu() for chunk in record.target.target])
+    before = _similarity_blocks(record.maps_before, sizes)
+    panels = [("T (text self-attention)", target, True),
+              (f"S before, step {record.step_before} (loss {record.loss_before:.4g})", before, False)]
+    rows_of_maps = [("before", record.maps_before, record.step_before)]
+    if record.maps_after is not None:
+        after = _similarity_blocks(record.maps_after, sizes)
+        panels.append((f"S after, step {record.step_after} (loss {record.loss_after:.4g})", after, False))
+        rows_of_maps.append(("after", record.maps_after, record.step_after))
+
+    tokens = len(labels)
+    cell = _cell_size(tokens)
+    panel_width, panel_height = max(90 + cell * tokens + 20, 240), 16 + cell * tokens + 20
+    tile_rows = -(-tokens // _TILES_PER_ROW) if tokens else 0
+    block_height = 16 + tile_rows * (_TILE + 14)
+    width = max(len(panels) * panel_width, _TILES_PER_ROW * (_TILE + 4)) + 20
+    height = 24 + panel_height + len(rows_of_maps) * block_height + 10
+    image = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 6), f"T-SAM: {record.prompt}"[:160], fill=_TEXT, font=font)
+    for index, (title, matrix, rescale) in enumerate(panels):
+        _draw_matrix(draw, (10 + index * panel_width, 24), matrix, title, labels, font, rescale)
+    top = 24 + panel_height
+    for name, maps, step in rows_of_maps:
+        draw.text((10, top), f"token maps {name} (step {step})", fill=_TEXT, font=font)
+        for token in range(tokens):
+            x = 10 + (token % _TILES_PER_ROW) * (_TILE + 4)
+            y = top + 16 + (token // _TILES_PER_ROW) * (_TILE + 14)
+            image.paste(_tile(maps[token].float()), (x, y))
+            draw.text((x, y + _TILE), labels[token][:9], fill=_TEXT, font=font)
+        top += block_height
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, X/Y/Z, callbacks
+# --------------------------------------------------------------------------------------------
+
+
+def _on_ui_settings() -> None:
+    defaults = TsamSettings()
+    options = {
+        "tsam_default_strength": shared.OptionInfo(defaults.strength, "T-SAM: default strength (step size α)",
+                                                   gr.Slider, {"minimum": 0.0, "maximum": 100.0, "step": 0.5}),
+        "tsam_default_active_fraction": shared.OptionInfo(defaults.active_fraction,
+                                                          "T-SAM: default active fraction of steps", gr.Slider,
+                                                          {"minimum": 0.0, "maximum": 1.0, "step": 0.05}),
+        "tsam_default_iterations": shared.OptionInfo(defaults.iterations, "T-SAM: default iterations per step",
+                                                     gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}),
+        "tsam_default_refinement_steps": shared.OptionInfo(defaults.refinement_steps,
+                                                           "T-SAM: default refinement steps (fractions, or none)"),
+        "tsam_default_refinement_iterations": shared.OptionInfo(defaults.refinement_iterations,
+                                                                "T-SAM: default refinement iterations", gr.Slider,
+                                                                {"minimum": 0, "maximum": 50, "step": 1}),
+        "tsam_default_loss": shared.OptionInfo(defaults.loss, "T-SAM: default loss", gr.Radio,
+                                               {"choices": list(LOSS_MODES)}),
+        "tsam_default_power": shared.OptionInfo(defaults.power, "T-SAM: default power on T", gr.Slider,
+                                                {"minimum": 0.5, "maximum": 8.0, "step": 0.5}),
+    }
+    for key, info in options.items():
+        info.section = SETTINGS_SECTION
+        shared.opts.add_option(key, info)
+
+
+def _xyz_apply(field: str):
+    def apply(p, value, values):
+        p.tsam_overrides = {**getattr(p, "tsam_overrides", {}), field: value}
+
+    return apply
+
+
+def _register_xyz_axes() -> None:
+    """Add the T-SAM axes to the X/Y/Z plot script (idempotent; see the SEG script)."""
+    xyz = next((data.module for data in scripts.scripts_data if data.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None:
+        return
+    axes = [
+        xyz.AxisOption("[T-SAM] Strength", float, _xyz_apply("strength")),
+        xyz.AxisOption("[T-SAM] Active fraction", float, _xyz_apply("active_fraction")),
+        xyz.AxisOption("[T-SAM] Iterations", int, _xyz_apply("iterations")),
+        xyz.AxisOption("[T-SAM] Refinement steps", str, _xyz_apply("refinement_steps")),
+        xyz.AxisOption("[T-SAM] Refinement iterations", int, _xyz_apply("refinement_iterations")),
+        xyz.AxisOption("[T-SAM] Loss", str, _xyz_apply("loss"), choices=lambda: list(LOSS_MODES)),
+        xyz.AxisOption("[T-SAM] Power", float, _xyz_apply("power")),
+    ]
+    known = {axis.label for axis in xyz.axis_options}
+    xyz.axis_options.extend(axis for axis in axes if axis.label not in known)
+
+
+def register_callbacks() -> None:
+    """Called by ``scripts/seg_tsam.py`` at every (re)load: the WebUI clears callbacks on reload."""
+    script_callbacks.on_ui_settings(_on_ui_settings)
+    script_callbacks.on_before_ui(_register_xyz_axes)
+    _register_xyz_axes()
