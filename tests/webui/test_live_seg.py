@@ -150,6 +150,7 @@ def test_seg_changes_the_image_and_leaves_the_model_untouched(model):
     assert image_hash(generate()) == plain
     after = probe_state()
     assert after["unet_hooks"] == before["unet_hooks"] == 0
+    assert after["forward_overrides"] == before["forward_overrides"]
     assert after["fingerprint"] == before["fingerprint"]
 
 
@@ -193,11 +194,14 @@ def test_batched_rows_equal_a_separate_pass(model, case):
 
 
 def test_start_fraction_counts_steps_from_the_first_model_call(model):
-    """start=0.5 over 4 Euler steps: steps 0 and 1 are plain, step 2 is the first guided one."""
+    """start=0.5 over 4 Euler steps: steps 0 and 1 are plain, step 2 is the first guided one.
+
+    Counting from ``params.sampling_step`` (one step late) would leave step 2 unguided, i.e.
+    exactly equal to plain; batch-size round-off is ~1e-6, SEG's effect there ~4e-4."""
     plain = denoised_steps()
     late = denoised_steps(seg=[True, 3.0, "2", "all", 0.5, 1.0])
     assert relative_difference(plain[:2], late[:2]) == 0.0
-    assert relative_difference(plain[2:3], late[2:3]) > 1e-3
+    assert relative_difference(plain[2:3], late[2:3]) > 1e-4
 
 
 def test_img2img(model):
@@ -308,4 +312,5 @@ def test_interrupted_generation_leaves_no_hook(model):
     assert "body" in result
     after = probe_state()
     assert after["unet_hooks"] == 0 and after["fingerprint"] == before["fingerprint"]
+    assert after["forward_overrides"] == before["forward_overrides"]
     assert image_hash(generate()) == image_hash(generate())

@@ -85,6 +85,7 @@ def model(request):
 def assert_model_untouched(before):
     after = probe_state()
     assert after["unet_hooks"] == before["unet_hooks"] == 0
+    assert after["forward_overrides"] == before["forward_overrides"]  # the capture's instance forwards are gone
     assert after["fingerprint"] == before["fingerprint"]
 
 

@@ -1,7 +1,8 @@
 """Test-only WebUI extension: lets the live tests see what HTTP alone does not show.
 
 Routes (added only when this folder is linked into the WebUI's ``extensions/`` by the tests):
-- ``GET /seg-tsam-probe/state``: hooks on the current UNet's modules, and a fingerprint (hash
+- ``GET /seg-tsam-probe/state``: hooks on the current UNet's modules, instance-level ``forward``
+  replacements anywhere in the model, and a fingerprint (hash
   of the bytes of a fixed plain UNet forward), to prove the model is untouched;
 - ``POST /seg-tsam-probe/reset`` and ``GET /seg-tsam-probe/denoised``: the denoised output of
   every CFG step since the reset (recorded with ``on_cfg_after_cfg``), to compare two paths.
@@ -27,6 +28,11 @@ def _hook_count():
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in _unet().modules())
 
 
+def _forward_overrides():
+    """Modules of the whole model whose ``forward`` is replaced on the instance (not the class)."""
+    return sum("forward" in module.__dict__ for module in shared.sd_model.modules())
+
+
 def _fingerprint():
     """Hash of a fixed forward of the UNet (plain call, no denoiser), bit-exact."""
     unet = _unet()
@@ -48,7 +54,7 @@ def _fingerprint():
 def _routes(demo, app):
     @app.get("/seg-tsam-probe/state")
     def state():
-        return {"unet_hooks": _hook_count(), "fingerprint": _fingerprint(),
+        return {"unet_hooks": _hook_count(), "forward_overrides": _forward_overrides(), "fingerprint": _fingerprint(),
                 "checkpoint": shared.sd_model.sd_checkpoint_info.name_for_extra}
 
     @app.post("/seg-tsam-probe/reset")
