@@ -142,7 +142,7 @@ def generate(
         raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
-    unet, scheduler, vae = pipe.unet, pipe.scheduler, pipe.vae
+    unet, scheduler = pipe.unet, pipe.scheduler
     scale_factor = pipe.vae_scale_factor
     height = height or unet.config.sample_size * scale_factor
     width = width or unet.config.sample_size * scale_factor

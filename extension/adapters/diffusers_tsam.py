@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..core import tsam
+from ..core.attention_capture import ProbabilityRecorder, frozen_parameters
 from ..core.layers import grid_at_level
 from ..core.tsam import PromptTarget, TsamSettings
 from .diffusers_conditioning import RowConditioning, is_sdxl
@@ -101,10 +102,6 @@ def coarse_cross_attention_layers(unet: nn.Module, level: int = DEFAULT_LEVEL) -
 # --------------------------------------------------------------------------------------------
 
 
-class _ForwardStopped(Exception):
-    """Raised after the last captured layer to end the UNet forward early (caught by the capture)."""
-
-
 class _CapturingProcessor(nn.Module):
     """Explicit-softmax cross-attention that hands its probabilities to a capture.
 
@@ -136,7 +133,7 @@ class _CapturingProcessor(nn.Module):
         if input_ndim == 4:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, N, C)
-        batch, queries, _ = hidden_states.shape
+        batch = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
@@ -161,7 +158,7 @@ class _CapturingProcessor(nn.Module):
         if attention_mask is not None:
             scores = scores + attention_mask.to(exact)
         probabilities = scores.softmax(dim=-1)
-        self._capture._record(self._name, queries, probabilities)
+        self._capture._recorder.record(self._name, probabilities)
 
         out = probabilities.to(value.dtype) @ value  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, N, H·d)
@@ -188,10 +185,8 @@ class CrossAttentionCapture:
     def __init__(self, unet: nn.Module, *, level: int = DEFAULT_LEVEL, stop_early: bool = True):
         self.layers = tuple(coarse_cross_attention_layers(unet, level))
         self.level = level
-        self.stop_early = stop_early
+        self._recorder = ProbabilityRecorder([layer.name for layer in self.layers], level=level, stop_early=stop_early)
         self._originals: list[tuple[nn.Module, object]] = []
-        self._grid: tuple[int, int] | None = None
-        self._records: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> CrossAttentionCapture:
         if self._originals:
@@ -213,8 +208,7 @@ class CrossAttentionCapture:
         while self._originals:
             module, original = self._originals.pop()
             module.set_processor(original)
-        self._grid = None
-        self._records = {}
+        self._recorder.reset()
 
     def probabilities(self, forward: Callable[[], object], grid: tuple[int, int]) -> torch.Tensor:
         """Run ``forward`` (a UNet call) and return ``(B, h·w, context)`` probabilities.
@@ -224,48 +218,12 @@ class CrossAttentionCapture:
         """
         if not self._originals:
             raise RuntimeError("CrossAttentionCapture.probabilities used outside its with-block")
-        self._grid, self._records = grid, {}
-        try:
-            forward()
-        except _ForwardStopped:
-            pass
-        finally:
-            records, self._records, self._grid = self._records, {}, None
-        missing = [layer.name for layer in self.layers if layer.name not in records]
-        if missing:
-            raise RuntimeError(f"T-SAM: the UNet forward did not run cross-attention layer(s) {missing}")
-        return torch.stack([records[layer.name] for layer in self.layers]).mean(dim=0)  # (B, N, M)
-
-    def _record(self, name: str, queries: int, probabilities: torch.Tensor) -> None:
-        if self._grid is None:
-            return  # not capturing (e.g. an ordinary forward, or a recomputation in backward)
-        height, width = self._grid
-        if queries != height * width:
-            raise RuntimeError(
-                f"T-SAM: {name} ran with {queries} query tokens, expected a {height}×{width} grid "
-                f"(latent halved {self.level} times)"
-            )
-        self._records[name] = probabilities.mean(dim=1)  # (B, N, M), mean over heads
-        if self.stop_early and len(self._records) == len(self.layers):
-            raise _ForwardStopped
+        return self._recorder.run(forward, grid)
 
 
 # --------------------------------------------------------------------------------------------
 # Loss, gradient, update
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """No weight gradients: switch ``requires_grad`` off where it is on, and back on afterwards."""
-    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)
 
 
 def _autograd_ready(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -310,7 +268,7 @@ def _forward_alignment(
 
 @contextlib.contextmanager
 def _alignment_session(unet: nn.Module, level: int, stop_early: bool) -> Iterator[CrossAttentionCapture]:
-    with _frozen_parameters(unet), CrossAttentionCapture(unet, level=level, stop_early=stop_early) as capture:
+    with frozen_parameters(unet), CrossAttentionCapture(unet, level=level, stop_early=stop_early) as capture:
         yield capture
 
 

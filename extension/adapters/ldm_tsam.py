@@ -50,6 +50,7 @@ from torch import nn
 
 from ..core import tsam
 from ..core.tsam import ChunkTarget, PromptTarget
+from ..core.attention_capture import ProbabilityRecorder, frozen_parameters
 from ..core.layers import grid_at_level
 from .diffusers_tsam import no_new_capture_hooks
 
@@ -151,10 +152,6 @@ def cross_attention_with_probabilities(
     return attention.to_out(out), probabilities
 
 
-class _ForwardStopped(Exception):
-    """Raised after the last captured layer to end the UNet forward early (caught by the capture)."""
-
-
 class LdmCrossAttentionCapture:
     """Context manager: explicit attention on the coarse ``attn2`` modules, and nothing else.
 
@@ -176,11 +173,12 @@ class LdmCrossAttentionCapture:
         layers = cross_attention_layers(unet)
         self.level = coarse_level(layers, DEFAULT_LEVEL if level is None else level)
         self.layers = tuple(layer for layer in layers if layer.level == self.level)
-        self.stop_early = stop_early
         self.context_transform = context_transform
+        self._recorder = ProbabilityRecorder(
+            [layer.name for layer in self.layers], level=self.level, stop_early=stop_early,
+            missing_hint=" (a replacement UNet such as a TensorRT engine is not supported)",
+        )
         self._installed: list[tuple[nn.Module, object]] = []
-        self._grid: tuple[int, int] | None = None
-        self._records: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> LdmCrossAttentionCapture:
         if self._installed:
@@ -205,14 +203,14 @@ class LdmCrossAttentionCapture:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
-        self._grid, self._records = None, {}
+        self._recorder.reset()
 
     def _capturing_forward(self, layer: LdmCrossAttentionLayer):
         def forward(x, context=None, mask=None, additional_tokens=None, n_times_crossframe_attn_in_self=0, **kwargs):
             if mask is not None or additional_tokens is not None or n_times_crossframe_attn_in_self or kwargs:
                 raise NotImplementedError(f"T-SAM: {layer.name} was called with masks or extra tokens")
             out, probabilities = cross_attention_with_probabilities(layer.module, x, context, self.context_transform)
-            self._record(layer.name, probabilities)
+            self._recorder.record(layer.name, probabilities)
             return out
 
         return forward
@@ -225,46 +223,7 @@ class LdmCrossAttentionCapture:
         """
         if not self._installed:
             raise RuntimeError("LdmCrossAttentionCapture.probabilities used outside its with-block")
-        self._grid, self._records = grid, {}
-        try:
-            forward()
-        except _ForwardStopped:
-            pass
-        finally:
-            records, self._records, self._grid = self._records, {}, None
-        missing = [layer.name for layer in self.layers if layer.name not in records]
-        if missing:
-            raise RuntimeError(
-                f"T-SAM: the UNet forward did not run cross-attention layer(s) {missing} "
-                "(a replacement UNet such as a TensorRT engine is not supported)"
-            )
-        return torch.stack([records[layer.name] for layer in self.layers]).mean(dim=0)  # (B, N, M)
-
-    def _record(self, name: str, probabilities: torch.Tensor) -> None:
-        if self._grid is None:
-            return
-        height, width = self._grid
-        if probabilities.shape[-2] != height * width:
-            raise RuntimeError(
-                f"T-SAM: {name} ran with {probabilities.shape[-2]} query tokens, expected a {height}×{width} grid "
-                f"(latent halved {self.level} times)"
-            )
-        self._records[name] = probabilities.mean(dim=1)  # (B, N, M), mean over heads
-        if self.stop_early and len(self._records) == len(self.layers):
-            raise _ForwardStopped
-
-
-@contextlib.contextmanager
-def _frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """No weight gradients: ``requires_grad`` off where it is on, and back on afterwards."""
-    trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)
+        return self._recorder.run(forward, grid)
 
 
 @contextlib.contextmanager
@@ -291,7 +250,7 @@ def alignment_session(
     """Everything one T-SAM update changes on the UNet, undone on exit: frozen weights, no
     gradient checkpointing, explicit attention on the coarse ``attn2`` layers."""
     capture = LdmCrossAttentionCapture(unet, level=level, context_transform=context_transform)
-    with _frozen_parameters(unet), _no_gradient_checkpointing(unet), capture:
+    with frozen_parameters(unet), _no_gradient_checkpointing(unet), capture:
         yield capture
 
 

@@ -18,35 +18,23 @@ from modules.ui_components import InputAccordion
 from ..adapters.unet_layers import self_attention_layers
 from ..core.layers import LayerSpecError, select_layers
 from ..core.settings import INFOTEXT_KEYS, SEG_MODES, SegSettings, SettingsError
+from .common import SETTINGS_SECTION, RequestError, option
 from .seg_args import settings_from_args
 from .seg_runtime import SegGeneration
 
 logger = logging.getLogger("seg_tsam")
 
-SETTINGS_SECTION = ("seg_tsam", "SEG / T-SAM")
 SIGMA_CHOICES = ["inf", "64", "32", "16", "8", "4", "2", "1", "0.5"]
 
 
-class SegError(RuntimeError):
-    """Raised from ``p.sample`` so a bad SEG request fails with a clear message.
-
-    The WebUI's API error handler answers with the instance's ``status_code`` and ``detail``.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.status_code = 422
-        self.detail = message
+class SegError(RequestError):
+    """Fails a bad SEG request with a clear message (the API reports the class name)."""
 
 
 class _Active:
     """The generation whose hooks are installed right now (the WebUI runs one at a time)."""
 
     generation: SegGeneration | None = None
-
-
-def _option(key: str, default):
-    return shared.opts.data.get(key, default)
 
 
 class SegScript(scripts.Script):
@@ -61,15 +49,15 @@ class SegScript(scripts.Script):
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
             with gr.Row():
                 scale = gr.Slider(label="SEG scale", minimum=0.0, maximum=20.0, step=0.1,
-                                  value=_option("seg_default_scale", defaults.scale), elem_id=self.elem_id("scale"))
+                                  value=option("seg_default_scale", defaults.scale), elem_id=self.elem_id("scale"))
                 sigma = gr.Dropdown(label="Blur σ (inf = mean query; type any value ≥ 0)", choices=SIGMA_CHOICES,
-                                    value=str(_option("seg_default_sigma", "inf")), allow_custom_value=True,
+                                    value=str(option("seg_default_sigma", "inf")), allow_custom_value=True,
                                     elem_id=self.elem_id("sigma"))
             with gr.Row():
                 layers = gr.Textbox(label="Layers (mid | down,up | d4,d5,m0-9)",
-                                    value=_option("seg_default_layers", defaults.layers), elem_id=self.elem_id("layers"))
+                                    value=option("seg_default_layers", defaults.layers), elem_id=self.elem_id("layers"))
                 mode = gr.Radio(label="Blurred branch (cond = official code, uncond = paper Eq. 10)",
-                                choices=list(SEG_MODES), value=_option("seg_default_mode", defaults.mode),
+                                choices=list(SEG_MODES), value=option("seg_default_mode", defaults.mode),
                                 elem_id=self.elem_id("mode"))
             with gr.Row():
                 start = gr.Slider(label="Start (fraction of steps)", minimum=0.0, maximum=1.0, step=0.01,
@@ -132,7 +120,7 @@ def _fail_sampling(p, message: str) -> None:
 def _wrap_sampling(p, settings: SegSettings) -> None:
     """Run ``p.sample`` (both hires passes included) inside one :class:`SegGeneration`."""
     original = p.sample
-    batch_rows = bool(_option("seg_batch_rows", True)) and bool(shared.opts.batch_cond_uncond)
+    batch_rows = bool(option("seg_batch_rows", True)) and bool(shared.opts.batch_cond_uncond)
 
     def sample(*args, **kwargs):
         generation = SegGeneration(settings, batch_rows=batch_rows, owner=p,
@@ -166,7 +154,7 @@ def _on_ui_settings() -> None:
     }
     for key, info in options.items():
         info.section = SETTINGS_SECTION
-        shared.opts.add_option(key, info)
+        shared.opts.addoption(key, info)
 
 
 def _xyz_apply(field: str):

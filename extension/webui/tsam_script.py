@@ -23,35 +23,23 @@ from ..core import tsam
 from ..core.settings import SettingsError
 from ..core.tsam import LOSS_MODES, TsamSettings
 from ..core.tsam_infotext import INFOTEXT_KEYS, to_infotext
+from .common import SETTINGS_SECTION, RequestError, option
 from .tsam_args import settings_from_args
 from .tsam_runtime import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
 logger = logging.getLogger("seg_tsam")
 
-SETTINGS_SECTION = ("seg_tsam", "SEG / T-SAM")
 TITLE = "T-SAM alignment"
 
 
-class TsamError(RuntimeError):
-    """Raised from ``p.sample`` so a bad T-SAM request fails with a clear message.
-
-    The WebUI's API error handler answers with the instance's ``status_code`` and ``detail``.
-    """
-
-    def __init__(self, message: str, status_code: int = 422):
-        super().__init__(message)
-        self.status_code = status_code
-        self.detail = message
+class TsamError(RequestError):
+    """Fails a bad T-SAM request with a clear message (the API reports the class name)."""
 
 
 class _Active:
     """The generation whose hooks are installed right now (the WebUI runs one at a time)."""
 
     generation: TsamGeneration | None = None
-
-
-def _option(key: str, default):
-    return shared.opts.data.get(key, default)
 
 
 class TsamScript(scripts.Script):
@@ -66,29 +54,29 @@ class TsamScript(scripts.Script):
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
             with gr.Row():
                 strength = gr.Slider(label="Strength (step size α, official 5)", minimum=0.0, maximum=100.0, step=0.5,
-                                     value=_option("tsam_default_strength", defaults.strength),
+                                     value=option("tsam_default_strength", defaults.strength),
                                      elem_id=self.elem_id("strength"))
                 active_fraction = gr.Slider(label="Active fraction of steps (official 0.6)", minimum=0.0, maximum=1.0,
-                                            step=0.05, value=_option("tsam_default_active_fraction",
+                                            step=0.05, value=option("tsam_default_active_fraction",
                                                                      defaults.active_fraction),
                                             elem_id=self.elem_id("active_fraction"))
             with gr.Row():
                 iterations = gr.Slider(label="Iterations per step", minimum=1, maximum=10, step=1,
-                                       value=_option("tsam_default_iterations", defaults.iterations),
+                                       value=option("tsam_default_iterations", defaults.iterations),
                                        elem_id=self.elem_id("iterations"))
                 refinement_steps = gr.Textbox(label="Refinement steps (fractions, e.g. 0,0.2,0.4; or none)",
-                                              value=_option("tsam_default_refinement_steps",
+                                              value=option("tsam_default_refinement_steps",
                                                             defaults.refinement_steps),
                                               elem_id=self.elem_id("refinement_steps"))
                 refinement_iterations = gr.Slider(label="Refinement iterations", minimum=0, maximum=50, step=1,
-                                                  value=_option("tsam_default_refinement_iterations",
+                                                  value=option("tsam_default_refinement_iterations",
                                                                 defaults.refinement_iterations),
                                                   elem_id=self.elem_id("refinement_iterations"))
             with gr.Row():
                 loss = gr.Radio(label="Loss (official = row cosine, paper = L1)", choices=list(LOSS_MODES),
-                                value=_option("tsam_default_loss", defaults.loss), elem_id=self.elem_id("loss"))
+                                value=option("tsam_default_loss", defaults.loss), elem_id=self.elem_id("loss"))
                 power = gr.Slider(label="Power on T (official 3, paper 4)", minimum=0.5, maximum=8.0, step=0.5,
-                                  value=_option("tsam_default_power", defaults.power), elem_id=self.elem_id("power"))
+                                  value=option("tsam_default_power", defaults.power), elem_id=self.elem_id("power"))
                 show_maps = gr.Checkbox(label="Show maps (T, S before/after, token maps)", value=False,
                                         elem_id=self.elem_id("show_maps"))
         keys = INFOTEXT_KEYS
@@ -350,7 +338,7 @@ def _on_ui_settings() -> None:
     }
     for key, info in options.items():
         info.section = SETTINGS_SECTION
-        shared.opts.add_option(key, info)
+        shared.opts.addoption(key, info)
 
 
 def _xyz_apply(field: str):
