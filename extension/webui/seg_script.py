@@ -154,7 +154,7 @@ def _on_ui_settings() -> None:
     }
     for key, info in options.items():
         info.section = SETTINGS_SECTION
-        shared.opts.addoption(key, info)
+        shared.opts.add_option(key, info)
 
 
 def _xyz_apply(field: str):
