@@ -27,19 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("seg_tsam_loader", REPO_ROOT / "extension" / "loader.py")
-_loader = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_loader)
-_loader.register_package(REPO_ROOT)
+from bench_setup import CONFIGS, DEFAULT_SIZE  # also registers the seg_tsam package
 
 from seg_tsam.extension.adapters import tiny_models as tm  # noqa: E402
 from seg_tsam.extension.adapters.diffusers_conditioning import RowConditioning  # noqa: E402
@@ -49,9 +43,6 @@ from seg_tsam.extension.core.blur import blur_queries  # noqa: E402
 from seg_tsam.extension.core.layers import select_layers  # noqa: E402
 from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch  # noqa: E402
 from seg_tsam.extension.core.settings import SegSettings, format_sigma  # noqa: E402
-
-CONFIGS = {"tiny": tm.TINY_SD1_UNET_CONFIG, "sd15": tm.SD15_UNET_CONFIG, "sdxl": tm.SDXL_UNET_CONFIG}
-DEFAULT_SIZE = {"tiny": (128, 128), "sd15": (256, 512), "sdxl": (256, 1024)}  # (cpu, cuda) pixels
 
 
 class _NoBlur:

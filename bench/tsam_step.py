@@ -24,27 +24,18 @@ not measured: the process RSS says nothing about one step).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("seg_tsam_loader", REPO_ROOT / "extension" / "loader.py")
-_loader = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_loader)
-_loader.register_package(REPO_ROOT)
+from bench_setup import CONFIGS, DEFAULT_SIZE  # also registers the seg_tsam package
 
 from seg_tsam.extension.adapters import tiny_models as tm  # noqa: E402
 from seg_tsam.extension.adapters.diffusers_conditioning import RowConditioning  # noqa: E402
 from seg_tsam.extension.adapters.diffusers_pipeline import generate  # noqa: E402
 from seg_tsam.extension.adapters.diffusers_tsam import tsam_update  # noqa: E402
 from seg_tsam.extension.core import tsam  # noqa: E402
-
-CONFIGS = {"tiny": tm.TINY_SD1_UNET_CONFIG, "sd15": tm.SD15_UNET_CONFIG, "sdxl": tm.SDXL_UNET_CONFIG}
-DEFAULT_SIZE = {"tiny": (128, 128), "sd15": (256, 512), "sdxl": (256, 1024)}  # (cpu, cuda) pixels
 
 
 def conditioning(unet, rows: int, tokens: int, device, dtype) -> RowConditioning:
@@ -101,7 +92,7 @@ def end_to_end_ratio(steps: int, settings: tsam.TsamSettings) -> float:
 
 def bench_model(name: str, args, device, dtype) -> dict:
     torch.manual_seed(0)
-    unet = tm.tiny_unet(CONFIGS[name]).to(device, dtype) if name == "tiny" else _full_unet(name, device, dtype)
+    unet = tm.tiny_unet(CONFIGS[name]).to(device, dtype)
     height, width = args.height or DEFAULT_SIZE[name][device.type == "cuda"], args.width or DEFAULT_SIZE[name][device.type == "cuda"]
     latent = torch.randn(args.batch, 4, height // 8, width // 8, device=device, dtype=dtype)
     cond = conditioning(unet, args.batch, 77, device, dtype)
@@ -130,12 +121,6 @@ def bench_model(name: str, args, device, dtype) -> dict:
     return dict(name=name, size=f"{width}×{height}", updates=updates, schedule=schedule, **times,
                 mem_cfg=peak_memory(cfg_step, device), mem_tsam=peak_memory(tsam_iteration, device),
                 e2e=end_to_end_ratio(args.steps, settings) if name == "tiny" else None)
-
-
-def _full_unet(name: str, device, dtype):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**CONFIGS[name]).to(device, dtype).eval()
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from modules.ui_components import InputAccordion
 from ..adapters.unet_layers import self_attention_layers
 from ..core.layers import LayerSpecError, select_layers
 from ..core.settings import INFOTEXT_KEYS, SEG_MODES, SegSettings, SettingsError
-from .common import SETTINGS_SECTION, RequestError, option
+from .common import RequestError, add_settings, option, register_xyz_axes
 from .seg_args import settings_from_args
 from .seg_runtime import SegGeneration
 
@@ -152,34 +152,18 @@ def _on_ui_settings() -> None:
         "seg_default_mode": shared.OptionInfo("cond", "SEG: default blurred branch", gr.Radio,
                                               {"choices": list(SEG_MODES)}),
     }
-    for key, info in options.items():
-        info.section = SETTINGS_SECTION
-        shared.opts.add_option(key, info)
-
-
-def _xyz_apply(field: str):
-    def apply(p, value, values):
-        p.seg_overrides = {**getattr(p, "seg_overrides", {}), field: value}
-
-    return apply
+    add_settings(options)
 
 
 def _register_xyz_axes() -> None:
-    """Add the SEG axes to the X/Y/Z plot script (idempotent; the WebUI's own scripts load first,
-    so this works at import, before any UI is built, in UI and in API-only mode)."""
-    xyz = next((data.module for data in scripts.scripts_data if data.script_class.__module__ == "xyz_grid.py"), None)
-    if xyz is None:
-        return
-    axes = [
-        xyz.AxisOption("[SEG] Scale", float, _xyz_apply("scale")),
-        xyz.AxisOption("[SEG] Sigma", str, _xyz_apply("sigma")),
-        xyz.AxisOption("[SEG] Layers", str, _xyz_apply("layers")),
-        xyz.AxisOption("[SEG] Start", float, _xyz_apply("start")),
-        xyz.AxisOption("[SEG] End", float, _xyz_apply("end")),
-        xyz.AxisOption("[SEG] Mode", str, _xyz_apply("mode"), choices=lambda: list(SEG_MODES)),
-    ]
-    known = {axis.label for axis in xyz.axis_options}
-    xyz.axis_options.extend(axis for axis in axes if axis.label not in known)
+    register_xyz_axes("seg_overrides", [
+        ("[SEG] Scale", float, "scale", None),
+        ("[SEG] Sigma", str, "sigma", None),
+        ("[SEG] Layers", str, "layers", None),
+        ("[SEG] Start", float, "start", None),
+        ("[SEG] End", float, "end", None),
+        ("[SEG] Mode", str, "mode", lambda: list(SEG_MODES)),
+    ])
 
 
 def register_callbacks() -> None:

@@ -23,7 +23,7 @@ from ..core import tsam
 from ..core.settings import SettingsError
 from ..core.tsam import LOSS_MODES, TsamSettings
 from ..core.tsam_infotext import INFOTEXT_KEYS, to_infotext
-from .common import SETTINGS_SECTION, RequestError, option
+from .common import RequestError, add_settings, option, register_xyz_axes
 from .tsam_args import settings_from_args
 from .tsam_runtime import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
@@ -336,34 +336,19 @@ def _on_ui_settings() -> None:
         "tsam_default_power": shared.OptionInfo(defaults.power, "T-SAM: default power on T", gr.Slider,
                                                 {"minimum": 0.5, "maximum": 8.0, "step": 0.5}),
     }
-    for key, info in options.items():
-        info.section = SETTINGS_SECTION
-        shared.opts.add_option(key, info)
-
-
-def _xyz_apply(field: str):
-    def apply(p, value, values):
-        p.tsam_overrides = {**getattr(p, "tsam_overrides", {}), field: value}
-
-    return apply
+    add_settings(options)
 
 
 def _register_xyz_axes() -> None:
-    """Add the T-SAM axes to the X/Y/Z plot script (idempotent; see the SEG script)."""
-    xyz = next((data.module for data in scripts.scripts_data if data.script_class.__module__ == "xyz_grid.py"), None)
-    if xyz is None:
-        return
-    axes = [
-        xyz.AxisOption("[T-SAM] Strength", float, _xyz_apply("strength")),
-        xyz.AxisOption("[T-SAM] Active fraction", float, _xyz_apply("active_fraction")),
-        xyz.AxisOption("[T-SAM] Iterations", int, _xyz_apply("iterations")),
-        xyz.AxisOption("[T-SAM] Refinement steps", str, _xyz_apply("refinement_steps")),
-        xyz.AxisOption("[T-SAM] Refinement iterations", int, _xyz_apply("refinement_iterations")),
-        xyz.AxisOption("[T-SAM] Loss", str, _xyz_apply("loss"), choices=lambda: list(LOSS_MODES)),
-        xyz.AxisOption("[T-SAM] Power", float, _xyz_apply("power")),
-    ]
-    known = {axis.label for axis in xyz.axis_options}
-    xyz.axis_options.extend(axis for axis in axes if axis.label not in known)
+    register_xyz_axes("tsam_overrides", [
+        ("[T-SAM] Strength", float, "strength", None),
+        ("[T-SAM] Active fraction", float, "active_fraction", None),
+        ("[T-SAM] Iterations", int, "iterations", None),
+        ("[T-SAM] Refinement steps", str, "refinement_steps", None),
+        ("[T-SAM] Refinement iterations", int, "refinement_iterations", None),
+        ("[T-SAM] Loss", str, "loss", lambda: list(LOSS_MODES)),
+        ("[T-SAM] Power", float, "power", None),
+    ])
 
 
 def register_callbacks() -> None:
