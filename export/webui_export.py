@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .onnx_export import DEFAULT_OPSET, EXPORT_DTYPES, AttentionPath
+from .onnx_exports import OnnxExportInfo, write_export_info
 from .profiles import PRESETS, EngineProfile, ProfileError, preset_profile
 from .registry import EngineRegistry, RegistryError, normalize_layers
 
@@ -278,6 +279,10 @@ def export_current_checkpoint(
                            attention_path=attention_path)
     except OnnxExportError as error:
         raise ExportFailed(str(error)) from error
+    write_export_info(path, OnnxExportInfo(onnx_file=name, checkpoint_hash=facts.short_hash,
+                                           checkpoint_name=facts.name, family=facts.family,
+                                           seg_layers=normalize_layers(request.seg_layers),
+                                           precision=request.precision))
     report(0.6, "checking the graph for TensorRT")
     check = check_onnx_for_tensorrt(path)
     result = dict(onnx_file=f"{ONNX_FOLDER}/{name}", levels=tuple(wrapper.levels),

@@ -28,3 +28,4 @@ else:
     TsamScript = _tsam_script.TsamScript
     _export_tab = _loader.load("extension.webui.export_tab")
     _export_tab.register_callbacks()
+    _loader.load("extension.webui.unet_options").register_callbacks()

@@ -35,6 +35,17 @@ class SelfAttentionLayer:
     grid_source: nn.Module  #: the spatial transformer whose (B, C, h, w) input gives the grid
 
 
+@dataclass(frozen=True)
+class ActiveBlur:
+    """What a replacement UNet (an exported engine) needs to reproduce the hooks' blur for one call."""
+
+    rows: tuple[int, ...]  #: the batch rows whose queries are blurred
+    batch: int  #: the UNet batch these rows refer to
+    sigma: float
+    layer_spec: str  #: the SEG layer spec the layers were selected with ("mid", "d2,m0" …)
+    layer_names: frozenset[str]  #: the module paths of the blurred ``attn1`` layers
+
+
 @dataclass
 class _BlurRequest:
     rows: torch.Tensor  #: indices of the batch rows to blur
@@ -57,10 +68,11 @@ class _PatchState:
 class QueryBlurPatch:
     """Context manager installing the SEG hooks on ``layers``; see the module docstring."""
 
-    def __init__(self, layers: Sequence[SelfAttentionLayer]):
+    def __init__(self, layers: Sequence[SelfAttentionLayer], layer_spec: str = ""):
         if not layers:
             raise ValueError("no self-attention layers selected for SEG")
         self.layers = tuple(layers)
+        self.layer_spec = layer_spec  #: how ``layers`` were chosen; reported by :meth:`active_blur`
         self._state = _PatchState()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -97,6 +109,17 @@ class QueryBlurPatch:
 
     def clear_request(self) -> None:
         self._state.request = None
+
+    def active_blur(self) -> ActiveBlur | None:
+        """The blur the next UNet call gets, or ``None`` when it changes nothing (no rows, σ = 0).
+
+        A replacement UNet, on which these hooks never fire, applies the same blur from this.
+        """
+        request = self._state.request
+        if request is None or request.rows.numel() == 0 or request.sigma == 0.0:
+            return None
+        return ActiveBlur(tuple(request.rows.tolist()), request.batch, request.sigma, self.layer_spec,
+                          frozenset(layer.name for layer in self.layers))
 
     @contextlib.contextmanager
     def blurring(self, rows: torch.Tensor | Sequence[int], batch: int, sigma: float) -> Iterator[None]:

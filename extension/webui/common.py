@@ -21,6 +21,30 @@ class RequestError(RuntimeError):
         self.detail = message
 
 
+#: Attribute set (True) on our replacement UNets (``sd_unet``): they apply SEG themselves.
+REPLACEMENT_UNET_MARKER = "seg_tsam_replacement"
+
+
+def foreign_replacement_unet() -> str | None:
+    """The label of the active "SD Unet" replacement if it is not one of ours, else ``None``.
+
+    SEG's and T-SAM's hooks live on the PyTorch UNet's modules; a foreign replacement UNet (for
+    example another extension's TensorRT engine) never runs them, so SEG would change nothing
+    and T-SAM would find no attention to align.
+    """
+    from modules import sd_unet
+
+    current = sd_unet.current_unet
+    if current is None or getattr(current, REPLACEMENT_UNET_MARKER, False):
+        return None
+    return str(getattr(getattr(current, "option", None), "label", None) or type(current).__name__)
+
+
+def replacement_unet_message(feature: str, label: str) -> str:
+    return (f"{feature} needs the checkpoint's own UNet, but the SD Unet setting runs {label!r} instead; "
+            f"set Settings → SD Unet to None (or to a [SEG …] UNet of this extension)")
+
+
 def option(key: str, default: Any) -> Any:
     """A WebUI setting, or ``default`` before the setting is registered or set."""
     from modules import shared

@@ -19,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 from fastapi import Body, FastAPI, HTTPException
-from modules import paths, script_callbacks, shared
+from modules import paths, script_callbacks, sd_unet, shared
 from modules.call_queue import queue_lock
 
 from ...export import webui_export
@@ -77,9 +77,14 @@ def run_export(request: ExportRequest, progress=_state_progress) -> webui_export
     with queue_lock:
         shared.state.begin(job="seg_export")
         try:
-            return webui_export.export_current_checkpoint(
+            # The trace must run the checkpoint's own UNet, not an active SD Unet replacement (which
+            # the WebUI routes every UNet call to); the next generation applies the setting again.
+            sd_unet.apply_unet("None")
+            result = webui_export.export_current_checkpoint(
                 shared.sd_model, request, models_dir=_models_dir(), attention_path=plain_attention, progress=progress
             )
+            sd_unet.list_unets()  # the new export/engine shows up in Settings → SD Unet
+            return result
         finally:
             shared.state.end()
 
@@ -142,6 +147,7 @@ def _on_export(preset, layers, precision, build_engine, *custom):
 def _on_delete(engine_id: str):
     try:
         entry = webui_export.delete_engine(_models_dir(), (engine_id or "").strip())
+        sd_unet.list_unets()
         message = f"Deleted engine `{entry['id']}` ({entry['engine_file']})."
     except (ExportRequestError, EngineNotFound, ExportFailed) as error:
         message = f"**Not deleted:** {error}"
@@ -231,7 +237,9 @@ def _api_engines() -> dict[str, Any]:
 
 def _api_delete(engine_id: str) -> dict[str, Any]:
     try:
-        return {"deleted": webui_export.delete_engine(_models_dir(), engine_id)}
+        deleted = webui_export.delete_engine(_models_dir(), engine_id)
+        sd_unet.list_unets()
+        return {"deleted": deleted}
     except ExportRequestError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     except EngineNotFound as error:

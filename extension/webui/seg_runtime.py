@@ -29,7 +29,7 @@ import torch
 from ..adapters.unet_layers import self_attention_layers
 from ..core.guidance import seg_cond_term, seg_uncond_term
 from ..core.layers import select_layers
-from ..core.query_blur_patch import QueryBlurPatch
+from ..core.query_blur_patch import ActiveBlur, QueryBlurPatch
 from ..core.rows import StepRows
 from ..core.settings import SegSettings
 
@@ -105,6 +105,20 @@ def row_count(cond: Any) -> int:
     return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
 
 
+#: id(UNet) -> the SEG patch of the generation running on it (a replacement UNet asks it).
+_ACTIVE_PATCHES: dict[int, QueryBlurPatch] = {}
+
+
+def active_blur(unet: torch.nn.Module) -> ActiveBlur | None:
+    """The SEG blur the next call of ``unet`` must apply (``None``: none), for a replacement UNet.
+
+    The WebUI's SD Unet replacement runs *instead of* ``unet``'s modules, so SEG's hooks on them
+    do not fire; our replacements (exported engines) read the blur from here instead.
+    """
+    patch = _ACTIVE_PATCHES.get(id(unet))
+    return patch.active_blur() if patch is not None else None
+
+
 class _Call:
     """One inner-model call: its global rows and inputs (kept for an extra SEG pass)."""
 
@@ -159,8 +173,11 @@ class SegGeneration:
         if id(inner) in self._attached:
             return
         unet = inner.inner_model.model.diffusion_model
-        patch = self._stack.enter_context(QueryBlurPatch(select_layers(self_attention_layers(unet), self.settings.layers)))
+        layers = select_layers(self_attention_layers(unet), self.settings.layers)
+        patch = self._stack.enter_context(QueryBlurPatch(layers, self.settings.layers))
         self._attached[id(inner)] = (inner, patch)
+        _ACTIVE_PATCHES[id(unet)] = patch
+        self._stack.callback(_ACTIVE_PATCHES.pop, id(unet), None)
         handles = [inner.register_forward_pre_hook(self._before_call, with_kwargs=True),
                    inner.register_forward_hook(self._after_call)]
         self._stack.callback(lambda: [handle.remove() for handle in handles])

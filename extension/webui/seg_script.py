@@ -18,7 +18,14 @@ from modules.ui_components import InputAccordion
 from ..adapters.unet_layers import self_attention_layers
 from ..core.layers import LayerSpecError, select_layers
 from ..core.settings import INFOTEXT_KEYS, SEG_MODES, SegSettings, SettingsError
-from .common import RequestError, add_settings, option, register_xyz_axes
+from .common import (
+    RequestError,
+    add_settings,
+    foreign_replacement_unet,
+    option,
+    register_xyz_axes,
+    replacement_unet_message,
+)
 from .seg_args import settings_from_args
 from .seg_runtime import SegGeneration
 
@@ -123,6 +130,9 @@ def _wrap_sampling(p, settings: SegSettings) -> None:
     batch_rows = bool(option("seg_batch_rows", True)) and bool(shared.opts.batch_cond_uncond)
 
     def sample(*args, **kwargs):
+        foreign = foreign_replacement_unet()  # the WebUI applies the SD Unet setting just before sampling
+        if foreign is not None:
+            raise SegError(replacement_unet_message("Smoothed Energy Guidance", foreign))
         generation = SegGeneration(settings, batch_rows=batch_rows, owner=p,
                                    max_extra_rows=None if shared.opts.batch_cond_uncond else p.batch_size)
         with generation:

@@ -23,7 +23,14 @@ from ..core import tsam
 from ..core.settings import SettingsError
 from ..core.tsam import LOSS_MODES, TsamSettings
 from ..core.tsam_infotext import INFOTEXT_KEYS, to_infotext
-from .common import RequestError, add_settings, option, register_xyz_axes
+from .common import (
+    RequestError,
+    add_settings,
+    foreign_replacement_unet,
+    option,
+    register_xyz_axes,
+    replacement_unet_message,
+)
 from .tsam_args import settings_from_args
 from .tsam_runtime import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
@@ -129,14 +136,11 @@ class TsamScript(scripts.Script):
 
 def _check_supported(p) -> None:
     """Refuse, with a message, what T-SAM cannot do (before anything touches the model)."""
-    from modules import sd_samplers, sd_unet  # noqa: PLC0415
+    from modules import sd_samplers  # noqa: PLC0415
 
     model = shared.sd_model
     if getattr(model, "cond_stage_key", None) == "edit":
         raise SettingsError("InstructPix2Pix (edit) models are not supported")
-    if sd_unet.current_unet is not None:
-        raise SettingsError("a replacement UNet (sd_unet, e.g. a TensorRT engine) is active; T-SAM needs the "
-                            "PyTorch UNet")
     if shared.opts.use_old_emphasis_implementation:
         raise SettingsError("the old emphasis implementation chunks prompts differently; turn it off")
     config = sd_samplers.find_sampler_config(p.sampler_name)
@@ -185,6 +189,9 @@ def _wrap_sampling(p, settings: TsamSettings) -> None:
     original = p.sample
 
     def sample(*args, **kwargs):
+        foreign = foreign_replacement_unet()  # the WebUI applies the SD Unet setting just before sampling
+        if foreign is not None:
+            raise TsamError(replacement_unet_message(TITLE, foreign))
         generation = TsamGeneration(settings, owner=p, should_stop=_interrupted,
                                     context_transform=_hypernetwork_context)
         with generation:

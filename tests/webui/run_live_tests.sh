@@ -23,7 +23,11 @@ mkdir -p "$EXTENSIONS"
 ln -s "$ROOT/models" "$DATA/models"
 # Options the tests override per request, set explicitly: WebUI 1.10.1 restores an overridden
 # option only when it was set before (see OVERRIDDEN_OPTIONS in test_live_seg.py).
-echo '{"skip_early_cond": 0.0, "batch_cond_uncond": true, "seg_batch_rows": true}' > "$DATA/config.json"
+echo '{"skip_early_cond": 0.0, "batch_cond_uncond": true, "seg_batch_rows": true, "sd_unet": "Automatic"}' \
+  > "$DATA/config.json"
+# onnx and onnxruntime for the export tests, kept apart from the WebUI's venv (setup_webui.sh).
+EXTRA_PATH=
+[[ -d $TARGET/export-packages ]] && EXTRA_PATH=$TARGET/export-packages
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 URL=http://127.0.0.1:$PORT
 LOG=$DATA/webui.log
@@ -35,7 +39,7 @@ stop() {
 trap stop EXIT
 
 start() {
-  (cd "$ROOT" && HF_HOME=$TARGET/hf-home HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 exec "$TARGET/venv/bin/python" launch.py \
+  (cd "$ROOT" && HF_HOME=$TARGET/hf-home HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$EXTRA_PATH exec "$TARGET/venv/bin/python" launch.py \
     --nowebui --api --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check \
     --skip-version-check --no-download-sd-model --use-cpu all --no-half --precision full \
     --server-name 127.0.0.1 --port "$PORT" --data-dir "$DATA" --ckpt-dir "$TARGET/checkpoints" \
@@ -62,6 +66,6 @@ echo "== live tests: WebUI with this extension"
 ln -sfn "$REPO" "$EXTENSIONS/sd-webui-seg-tsam"
 start
 status=0
-SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_BASELINE=$BASELINE "$PYTHON" -m pytest "$REPO/tests/webui" -rs "$@" || status=$?
+SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_BASELINE=$BASELINE SEG_TSAM_WEBUI_MODELS=$ROOT/models "$PYTHON" -m pytest "$REPO/tests/webui" -rs "$@" || status=$?
 echo "WebUI log: $LOG"
 exit "$status"

@@ -1,10 +1,12 @@
 """The "SEG Export" API in a live WebUI (CPU, no TensorRT), driven over HTTP.
 
 Set ``SEG_TSAM_WEBUI_URL`` to run (skipped otherwise); the WebUI needs the tiny SD1 checkpoint.
-The export itself needs the ``onnx`` package in the WebUI's Python; without it that test is
-skipped with the reason (the routes and validation are still tested). With
-``SEG_TSAM_WEBUI_MODELS`` (the WebUI's models folder, as the server sees it) the exported file
-is also run with ONNX Runtime from this venv.
+The export itself needs the ``onnx`` package in the WebUI's Python (``run_live_tests.sh`` puts
+``TARGET/export-packages`` from ``setup_webui.sh`` on its path); without it those tests are
+skipped with the reason (the routes and validation are still tested). With ``onnxruntime`` too,
+the exported files are compared with the WebUI's own UNet and run as the "SD Unet" replacement.
+With ``SEG_TSAM_WEBUI_MODELS`` (the WebUI's models folder, as the server sees it) the exported
+file is also run with ONNX Runtime from this venv.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_live_seg import BASE, URL, call
+from test_live_seg import BASE, URL, call, denoised_steps, generate, relative_difference
 
 pytestmark = pytest.mark.skipif(not URL, reason="SEG_TSAM_WEBUI_URL is not set (no live WebUI to test against)")
 
@@ -99,3 +101,93 @@ def _run_with_onnxruntime(path: Path, levels: list[int]) -> None:
                    blur_matrix_inputs(levels, latent, batch, [1], 2.0, dtype=torch.float32).items()})
     output = session.run(None, inputs)[0]
     assert output.shape == (batch, 4, *latent) and np.isfinite(output).all()
+
+
+# --- the export as the WebUI's UNet -------------------------------------------------------------------
+
+SEG_MID = [True, 3.0, "2", "mid"]
+EXPORTS = {"sd1": ("tiny-sd1", "SD1.x 512-768"), "sdxl": ("tiny-sdxl", "SDXL 768-1024")}
+
+
+def _needs_runtime():
+    status = call("GET", "/seg-tsam/export/status")[1]
+    if not (status["onnx_installed"] and status["onnxruntime_installed"]):
+        pytest.skip("the WebUI's Python lacks onnx or onnxruntime (setup_webui.sh installs them to export-packages)")
+
+
+@pytest.fixture(scope="module", params=list(EXPORTS), ids=str)
+def export(request):
+    """Load the tiny checkpoint, export its UNet (SEG "mid", fp32): (checkpoint title, export body, SD Unet label)."""
+    if not URL:
+        pytest.skip("no live WebUI")
+    _needs_runtime()
+    name, preset = EXPORTS[request.param]
+    models = call("GET", "/sdapi/v1/sd-models")[1]
+    model = next((m for m in models if name in m["title"]), None)
+    if model is None:
+        pytest.skip(f"the {name} checkpoint is not installed in this WebUI")
+    status, body = call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": model["title"], "sd_unet": "Automatic"})
+    assert status == 200, body
+    status, body = call("POST", "/seg-tsam/export", {"preset": preset, "precision": "fp32", "seg_layers": "mid"})
+    assert status == 200, body
+    yield model["title"], body, f"[SEG ONNX] {model['filename'].rsplit('/', 1)[-1]} (mid, fp32)"
+    call("POST", "/seg-tsam-probe/release-unet")
+
+
+def test_exported_file_matches_the_webui_unet(export):
+    """ONNX Runtime on the export vs the WebUI's UNet with SEG's hooks: odd 9×7 latent, mixed rows, σ 2 and ∞."""
+    _, body, _ = export
+    status, result = call("POST", "/seg-tsam-probe/onnx-vs-unet", {"file": body["onnx_file"]})
+    assert status == 200, result
+    assert result["max_relative_error"] <= 1e-4, result
+    assert result["layers"] and all(".attn1" in name or "attn1" in name for name in result["layers"]), result
+
+
+def _with_unet(label, seg=SEG_MID, **fields):
+    return denoised_steps({"override_settings": {"sd_unet": label}}, seg=seg, **fields)
+
+
+def test_seg_runs_on_the_export_as_sd_unet(export):
+    """The export as SD Unet: every call (cond, uncond, SEG rows) on ONNX Runtime, same steps as PyTorch."""
+    _, _, label = export
+    pytorch = _with_unet("None")
+    replaced = _with_unet(label)
+    state = call("GET", "/seg-tsam-probe/replacement")[1]
+    assert state["label"] == label, state
+    assert state["session_calls"] > 0 and state["fallback_calls"] == 0, state
+    assert relative_difference(replaced, pytorch) <= 1e-4
+    plain = _with_unet(label, seg=[False])
+    assert relative_difference(plain, pytorch) > 1e-3  # SEG made a difference on the export too
+
+
+def test_layers_the_export_lacks_fall_back_to_pytorch_with_a_notice(export):
+    _, _, label = export
+    call("POST", "/seg-tsam-probe/release-unet")
+    pytorch = _with_unet("None", seg=[True, 3.0, "2", "up"])
+    replaced = _with_unet(label, seg=[True, 3.0, "2", "up"])
+    state = call("GET", "/seg-tsam-probe/replacement")[1]
+    assert state["fallback_calls"] > 0 and state["session_calls"] == 0, state
+    assert any("'up'" in notice and "'mid'" in notice for notice in state["notices"]), state
+    assert replaced == pytorch  # every call ran on the PyTorch UNet with SEG's hooks: the same numbers
+
+
+def test_tsam_uses_pytorch_for_its_gradients_and_the_export_otherwise(export):
+    _, _, label = export
+    call("POST", "/seg-tsam-probe/release-unet")
+    body = generate({"override_settings": {"sd_unet": label},
+                     "alwayson_scripts": {"T-SAM alignment": {"args": [{"strength": 5.0}]}}})
+    assert body["images"], body
+    state = call("GET", "/seg-tsam-probe/replacement")[1]
+    assert state["session_calls"] > 0 and state["fallback_calls"] > 0, state
+    assert any("gradients" in notice for notice in state["notices"]), state
+
+
+@pytest.mark.parametrize("script, args", [("Smoothed Energy Guidance", SEG_MID),
+                                          ("T-SAM alignment", [{"strength": 5.0}])])
+def test_seg_and_tsam_refuse_a_foreign_sd_unet(export, script, args):
+    status, body = call("POST", "/sdapi/v1/txt2img", {**BASE, "override_settings": {"sd_unet": "[probe] passthrough"},
+                                                      "alwayson_scripts": {script: {"args": args}}})
+    assert status != 200 and "SD Unet" in str(body) and "[probe] passthrough" in str(body), body
+    call("POST", "/seg-tsam-probe/release-unet")
+    status, body = call("POST", "/sdapi/v1/txt2img", {**BASE, "override_settings": {"sd_unet": "[probe] passthrough"}})
+    assert status == 200, body  # without SEG/T-SAM the foreign replacement is fine

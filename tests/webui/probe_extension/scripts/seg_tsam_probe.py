@@ -6,12 +6,23 @@ Routes (added only when this folder is linked into the WebUI's ``extensions/`` b
   of the bytes of a fixed plain UNet forward), to prove the model is untouched;
 - ``POST /seg-tsam-probe/reset`` and ``GET /seg-tsam-probe/denoised``: the denoised output of
   every CFG step since the reset (recorded with ``on_cfg_after_cfg``), to compare two paths.
+- ``GET /seg-tsam-probe/replacement``: the active "SD Unet" replacement and, for this extension's,
+  how many calls ran on the export and on the PyTorch fallback, and the fallback notices;
+  ``POST /seg-tsam-probe/release-unet`` deactivates it (``sd_unet.apply_unet("None")``).
+- ``POST /seg-tsam-probe/onnx-vs-unet`` ``{"file": "Unet-seg-onnx/…onnx"}``: runs the exported file
+  with this extension's ONNX Runtime session and the WebUI's own UNet with SEG's hooks on the same
+  inputs (odd latent, mixed blurred rows, σ 2 and ∞); returns the largest relative difference.
+- An "SD Unet" option ``[probe] passthrough`` that runs the checkpoint's UNet: a replacement that
+  is not this extension's, to test that SEG and T-SAM refuse it clearly.
 """
 
 import hashlib
+import math
 
 import torch
-from modules import devices, script_callbacks, shared
+from modules import devices, paths, script_callbacks, sd_hijack, sd_unet, shared
+
+PASSTHROUGH = "[probe] passthrough"
 
 _denoised = []
 
@@ -67,5 +78,83 @@ def _routes(demo, app):
         return {"steps": [step.tolist() for step in _denoised]}
 
 
+def _replacement():
+    current = sd_unet.current_unet
+    if current is None:
+        return {"label": None}
+    runtime = getattr(current, "runtime", None)
+    counts = {}
+    if runtime is not None:
+        counts = {"session_calls": runtime.session_calls, "fallback_calls": runtime.fallback_calls,
+                  "notices": sorted(runtime._noticed)}
+    return {"label": current.option.label, **counts}
+
+
+def _example_call(generator, batch, latent):
+    unet = _unet()
+    context_dim = shared.sd_model.cond_stage_model_empty_prompt
+    context_dim = (context_dim["crossattn"] if isinstance(context_dim, dict) else context_dim).shape[-1]
+    x = torch.randn(batch, 4, *latent, generator=generator)
+    timesteps = torch.linspace(900.0, 30.0, batch)
+    context = torch.randn(batch, 77, context_dim, generator=generator)
+    extra = {}
+    if getattr(unet, "num_classes", None) == "sequential":
+        extra["y"] = torch.randn(batch, unet.label_emb[0][0].in_features, generator=generator)
+    return x, timesteps, context, extra
+
+
+def _onnx_vs_unet(file):
+    from seg_tsam.export.ort_session import OnnxRuntimeSession
+    from seg_tsam.export.unet_runtime import session_inputs
+    from seg_tsam.extension.adapters.unet_layers import self_attention_layers
+    from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch
+
+    sd_unet.apply_unet("None")
+    session = OnnxRuntimeSession(f"{paths.models_path}/{file}")
+    unet = _unet()
+    layers = [layer for layer in self_attention_layers(unet) if layer.name in session.layer_names]
+    generator = torch.Generator("cpu").manual_seed(3)
+    worst = 0.0
+    for rows, sigma in (([1], 2.0), ([0, 2], math.inf)):
+        x, timesteps, context, extra = _example_call(generator, 3, (9, 7))
+        with torch.no_grad(), QueryBlurPatch(layers, session.layer_spec) as patch, patch.blurring(rows, 3, sigma):
+            expected = unet(x, timesteps, context, **extra)
+            actual = session.run(session_inputs(session, x, timesteps, context, extra, patch.active_blur()))
+        worst = max(worst, float((actual - expected).abs().max() / expected.abs().max()))
+    return {"max_relative_error": worst, "layers": sorted(session.layer_names)}
+
+
+class _Passthrough(sd_unet.SdUnet):
+    def forward(self, x, timesteps, context, *args, **kwargs):
+        original = sd_hijack.sgm_original_forward if shared.sd_model.is_sdxl else sd_hijack.ldm_original_forward
+        unet = _unet().to(x.device)
+        return original(unet, x, timesteps, context, *args, **kwargs)
+
+
+class _PassthroughOption(sd_unet.SdUnetOption):
+    label = PASSTHROUGH
+    model_name = None
+
+    def create_unet(self):
+        return _Passthrough()
+
+
+def _routes_replacement(demo, app):
+    @app.get("/seg-tsam-probe/replacement")
+    def replacement():
+        return _replacement()
+
+    @app.post("/seg-tsam-probe/release-unet")
+    def release():
+        sd_unet.apply_unet("None")
+        return _replacement()
+
+    @app.post("/seg-tsam-probe/onnx-vs-unet")
+    def onnx_vs_unet(body: dict):
+        return _onnx_vs_unet(body["file"])
+
+
 script_callbacks.on_cfg_after_cfg(_record)
+script_callbacks.on_app_started(_routes_replacement)
+script_callbacks.on_list_unets(lambda options: options.append(_PassthroughOption()))
 script_callbacks.on_app_started(_routes)

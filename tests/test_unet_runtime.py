@@ -1,0 +1,286 @@
+"""The replacement-UNet runtime: an exported SEG UNet run in place of the PyTorch one.
+
+Reference: the PyTorch UNet with SEG's own hooks (``QueryBlurPatch``) blurring the same rows.
+Under test: :class:`ReplacementUNet` over an ONNX Runtime session of the export, fed only the
+WebUI-style call ``(x, timesteps, context, **extra)`` and the patch's :meth:`active_blur`, and
+its fallback routing (each reason once, the PyTorch result returned). The TensorRT session has
+the same interface and is covered by the GPU tests; its *choice* of engine is tested here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from seg_tsam.export.onnx_exports import OnnxExportInfo, list_onnx_exports, write_export_info  # noqa: E402
+from seg_tsam.export.onnx_export import export_onnx  # noqa: E402
+from seg_tsam.export.ort_session import OnnxExportSessions, OnnxRuntimeSession, OnnxSessionError  # noqa: E402
+from seg_tsam.export.profiles import EngineCall, EngineProfile  # noqa: E402
+from seg_tsam.export.registry import EngineEntry, EngineKey, EngineRegistry  # noqa: E402
+from seg_tsam.export.seg_unet import SegExportUNet  # noqa: E402
+from seg_tsam.export.trt_runtime import RegistryEngines  # noqa: E402
+from seg_tsam.export.unet_runtime import EngineCannotRun, ReplacementUNet  # noqa: E402
+from seg_tsam.extension.adapters import tiny_models  # noqa: E402
+from seg_tsam.extension.adapters.unet_layers import self_attention_layers  # noqa: E402
+from seg_tsam.extension.core.layers import select_layers  # noqa: E402
+from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch  # noqa: E402
+
+INF = math.inf
+CHECKPOINT = "0123456789"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Exported:
+    """A tiny diffusers UNet, its SEG export, and the WebUI-style call pieces."""
+
+    def __init__(self, config: dict, layers: str, folder):
+        self.unet = tiny_models.tiny_unet(config).eval()
+        self.layers = layers
+        self.sdxl = config.get("addition_embed_type") == "text_time"
+        self.context_width = config["cross_attention_dim"]
+        self.path = export_onnx(SegExportUNet(self.unet, flavour="diffusers", layers=layers), folder / "unet.onnx")
+
+    def call(self, latent, batch, tokens, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 4, *latent, generator=generator)
+        timesteps = torch.linspace(999.0, 20.0, batch)
+        context = torch.randn(batch, tokens, self.context_width, generator=generator)
+        extra = {}
+        if self.sdxl:
+            extra = {"text_embeds": torch.randn(batch, 32, generator=generator),
+                     "time_ids": torch.tensor([[64.0, 48.0, 0.0, 0.0, 64.0, 48.0]]).repeat(batch, 1)}
+        return x, timesteps, context, extra
+
+    def pytorch(self, x, timesteps, context, **extra):
+        added = dict(extra) if self.sdxl else None
+        return self.unet(x, timesteps, context, added_cond_kwargs=added, return_dict=False)[0]
+
+    def patch(self, layers: str | None = None) -> QueryBlurPatch:
+        layers = layers or self.layers
+        return QueryBlurPatch(select_layers(self_attention_layers(self.unet), layers), layers)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return Exported(tiny_models.TINY_SD1_UNET_CONFIG, "all", tmp_path_factory.mktemp("sd1"))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return Exported(tiny_models.TINY_SDXL_UNET_CONFIG, "mid", tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def exported(request):
+    return request.getfixturevalue(request.param)
+
+
+def replacement(exported, patch, *, checkpoint=CHECKPOINT, fallback=None):
+    notices: list[str] = []
+    fallbacks: list[int] = []
+
+    def pytorch(x, timesteps, context, *args, **kwargs):
+        fallbacks.append(x.shape[0])
+        return (fallback or exported.pytorch)(x, timesteps, context, *args, **kwargs)
+
+    chooser = OnnxExportSessions(exported.path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: checkpoint)
+    runtime = ReplacementUNet(choose_session=chooser, blur=patch.active_blur, fallback=pytorch, notice=notices.append)
+    return runtime, notices, fallbacks
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+# (latent, batch, tokens, blurred rows, σ): square, non-square and odd sizes, mixed rows.
+CASES = [
+    ((8, 8), 3, 77, [2], 0.5),
+    ((9, 5), 4, 154, [1, 3], 2.0),
+    ((6, 11), 2, 77, [0], 10.0),
+    ((7, 7), 3, 77, [0, 2], INF),
+    ((8, 6), 2, 77, [], 0.0),
+]
+
+
+@pytest.mark.parametrize("latent, batch, tokens, rows, sigma", CASES)
+def test_replacement_runs_all_rows_in_one_session_call_like_the_hooks(exported, latent, batch, tokens, rows, sigma):
+    x, timesteps, context, extra = exported.call(latent, batch, tokens)
+    with torch.no_grad(), exported.patch() as patch:
+        runtime, notices, fallbacks = replacement(exported, patch)
+        with patch.blurring(rows, batch, sigma):
+            expected = exported.pytorch(x, timesteps, context, **extra)  # SEG's hooks blur these rows
+            actual = runtime.forward(x, timesteps, context, **extra)
+    assert (notices, fallbacks, runtime.session_calls) == ([], [], 1)
+    assert actual.dtype == x.dtype and actual.shape == expected.shape
+    assert relative_error(actual, expected) <= 1e-4
+
+
+def test_unblurred_rows_equal_the_plain_unet_and_sigma_changes_only_blurred_rows(sd1):
+    x, timesteps, context, extra = sd1.call((8, 8), 3, 77)
+    with torch.no_grad(), sd1.patch() as patch:
+        runtime, _, _ = replacement(sd1, patch)
+        plain = sd1.pytorch(x, timesteps, context)
+        outputs = {}
+        for sigma in (2.0, INF):
+            with patch.blurring([1], 3, sigma):
+                outputs[sigma] = runtime.forward(x, timesteps, context)
+    for sigma, output in outputs.items():
+        assert relative_error(output[[0, 2]], plain[[0, 2]]) <= 1e-4
+        assert relative_error(output[1], plain[1]) > 1e-3, f"σ={sigma} left the SEG row unchanged"
+    assert relative_error(outputs[2.0][1], outputs[INF][1]) > 1e-3
+
+
+def test_falls_back_to_pytorch_once_per_reason(sd1):
+    x, timesteps, context, _ = sd1.call((8, 8), 2, 77)
+    with torch.no_grad(), sd1.patch() as patch:
+        runtime, notices, fallbacks = replacement(sd1, patch, checkpoint="another000")
+        with patch.blurring([1], 2, 2.0):
+            expected = sd1.pytorch(x, timesteps, context)
+            first = runtime.forward(x, timesteps, context)
+            runtime.forward(x, timesteps, context)
+    assert torch.equal(first, expected)  # the PyTorch UNet ran, its hooks blurred
+    assert fallbacks == [2, 2] and runtime.session_calls == 0
+    assert len(notices) == 1 and "another000" in notices[0] and CHECKPOINT in notices[0]
+
+
+def test_other_seg_layers_than_exported_fall_back(sdxl):
+    x, timesteps, context, extra = sdxl.call((8, 8), 2, 77)
+    with torch.no_grad(), sdxl.patch("up") as patch:
+        runtime, notices, fallbacks = replacement(sdxl, patch)
+        with patch.blurring([1], 2, 2.0):
+            runtime.forward(x, timesteps, context, **extra)
+        runtime.forward(x, timesteps, context, **extra)  # no blur in this call: the export serves it
+    assert fallbacks == [2] and runtime.session_calls == 1
+    assert len(notices) == 1 and "'up'" in notices[0] and "'mid'" in notices[0]
+
+
+def test_unknown_inputs_gradients_and_positional_extras_fall_back(sd1):
+    x, timesteps, context, _ = sd1.call((8, 8), 2, 77)
+    with sd1.patch() as patch:
+        runtime, notices, fallbacks = replacement(sd1, patch, fallback=lambda x, t, c, *a, **k: sd1.pytorch(x, t, c))
+        with torch.no_grad():
+            runtime.forward(x, timesteps, context, control=torch.zeros(1))
+            runtime.forward(x, timesteps, context, torch.zeros(1))
+            runtime.forward(x, timesteps, context, control=None)  # None extras are absent inputs
+        runtime.forward(x.clone().requires_grad_(True), timesteps, context)
+    assert fallbacks == [2, 2, 2] and runtime.session_calls == 1
+    assert ["control" in notices[0], "positional" in notices[1], "gradients" in notices[2]] == [True] * 3
+
+
+def test_a_file_that_is_not_a_seg_export_is_refused_with_the_reason(tmp_path, sd1):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["out_sample"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, [1])])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(OnnxSessionError, match="not a SEG export"):
+        OnnxRuntimeSession(path)
+    chooser = OnnxExportSessions(tmp_path / "missing.onnx", checkpoint_hash="h", current_checkpoint_hash=lambda: "h")
+    for _ in range(2):  # the load error is kept, not retried per call
+        with pytest.raises(EngineCannotRun, match="no ONNX file"):
+            chooser(EngineCall(2, 8, 8, 77), None, ())
+
+
+def test_session_reads_what_the_export_was_made_with(sd1):
+    session = OnnxRuntimeSession(sd1.path)
+    layers = select_layers(self_attention_layers(sd1.unet), "all")
+    assert session.layer_names == frozenset(layer.name for layer in layers)
+    assert session.levels == (0, 1, 2) and session.layer_spec == "all" and session.flavour == "diffusers"
+
+
+def test_export_info_listing(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.onnx").write_bytes(b"x")
+    write_export_info(tmp_path / "a.onnx", OnnxExportInfo("a.onnx", "h1", "one.safetensors", "sd1", "mid", "fp16"))
+    write_export_info(tmp_path / "b.onnx", OnnxExportInfo("other.onnx", "h2", "two", "sd1", "mid", "fp16"))
+    (tmp_path / "c.json").write_text("{not json")
+    write_export_info(tmp_path / "d.onnx", OnnxExportInfo("d.onnx", "h4", "four", "sd1", "mid", "fp16"))  # no .onnx
+    listed = list_onnx_exports(tmp_path)
+    assert [info.onnx_file for info in listed] == ["a.onnx"]
+    assert listed[0].label == "one.safetensors (mid, fp16)"
+
+
+# --- TensorRT engine choice (the registry side; loading is injected) ---------------------------------
+
+
+class LoadedEngine:
+    def __init__(self, path):
+        self.path = path
+        self.input_names = ("sample", "timestep", "encoder_hidden_states", "blur_h_2", "blur_w_2")
+        self.levels = (2,)
+
+
+def register(registry: EngineRegistry, *, layers: str, height, checkpoint=CHECKPOINT, trt="10.9.0", cc="8.9"):
+    profile = EngineProfile(images=(1, 1, 2), height=height, width=(512, 512, 768))
+    key = EngineKey(checkpoint_hash=checkpoint, profile=profile, seg_layers=layers, trt_version=trt,
+                    compute_capability=cc)
+    entry = EngineEntry(key=key, engine_file=registry.engine_file_name(key, "tiny"))
+    registry.engine_path(entry).write_bytes(b"engine")
+    registry.add(entry)
+    return entry
+
+
+@pytest.fixture
+def engines(tmp_path):
+    registry = EngineRegistry(tmp_path)
+    small = register(registry, layers="mid", height=(512, 512, 768))
+    large = register(registry, layers="mid", height=(768, 1024, 1024))
+    other_layers = register(registry, layers="d2,m0", height=(512, 512, 768))
+    loads: list[str] = []
+
+    def load(path):
+        loads.append(path.name)
+        return LoadedEngine(path)
+
+    chooser = RegistryEngines(registry, checkpoint_hash=lambda: CHECKPOINT, trt_version="10.9.0",
+                              compute_capability="8.9", load=load)
+    return chooser, loads, small, large, other_layers
+
+
+def blur(spec: str):
+    return type("Blur", (), {"layer_spec": spec})()
+
+
+def test_engine_choice_follows_size_and_seg_layers(engines):
+    chooser, loads, small, large, other_layers = engines
+    assert chooser(EngineCall(3, 64, 64, 77), blur("mid"), ()).path.name == small.engine_file
+    assert chooser(EngineCall(3, 128, 64, 77), blur("mid"), ()).path.name == large.engine_file
+    assert chooser(EngineCall(3, 64, 64, 77), blur("d2,m0"), ()).path.name == other_layers.engine_file
+    assert loads == [small.engine_file, large.engine_file, other_layers.engine_file]
+
+
+def test_unblurred_calls_keep_the_loaded_engine(engines):
+    chooser, loads, small, _, other_layers = engines
+    chooser(EngineCall(3, 64, 64, 77), blur("d2,m0"), ())
+    for _ in range(2):
+        assert chooser(EngineCall(2, 64, 64, 77), None, ()).path.name == other_layers.engine_file
+    assert loads == [other_layers.engine_file]
+
+
+def test_no_fitting_engine_says_why(engines):
+    chooser = engines[0]
+    with pytest.raises(EngineCannotRun, match="SEG layers"):
+        chooser(EngineCall(3, 64, 64, 77), blur("up"), ())
+    with pytest.raises(EngineCannotRun, match="control"):
+        chooser(EngineCall(3, 64, 64, 77), None, ("control",))
+    with pytest.raises(EngineCannotRun, match="height|size|pixels"):
+        chooser(EngineCall(3, 256, 64, 77), None, ())
+    other_gpu = RegistryEngines(chooser.registry, checkpoint_hash=lambda: CHECKPOINT, trt_version="10.9.0",
+                                compute_capability="9.0", load=LoadedEngine)
+    with pytest.raises(EngineCannotRun, match="compute capability"):
+        other_gpu(EngineCall(3, 64, 64, 77), None, ())
