@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -36,7 +37,8 @@ from ...export.webui_export import (
 logger = logging.getLogger("seg_tsam")
 
 CUSTOM = "Custom"
-EXPORT_PACKAGES = "onnx onnxruntime"
+#: onnx, onnxruntime and a protobuf the WebUI tolerates, pinned (the tab's install button)
+EXPORT_REQUIREMENTS = Path(__file__).resolve().parents[2] / "export" / "requirements-webui.txt"
 API_PREFIX = "/seg-tsam"
 
 
@@ -158,7 +160,7 @@ def _on_install() -> str:
     import launch  # the WebUI's launcher module; only imported on click
 
     try:
-        launch.run_pip(f"install {EXPORT_PACKAGES}", "SEG export packages")
+        launch.run_pip(f'install -r "{EXPORT_REQUIREMENTS}"', "SEG export packages")
     except Exception as error:
         return f"**Install failed:** {error}"
     return "Installed the export packages. Restart the WebUI to use them."
@@ -177,9 +179,11 @@ def on_ui_tabs():
     with gr.Blocks(analytics_enabled=False) as tab:
         notice = tensorrt_notice()
         gr.Markdown(notice, visible=bool(notice), elem_id="seg_export_trt_notice")
-        onnx_missing = not _installed("onnx")
-        with gr.Row(visible=onnx_missing):
-            gr.Markdown(f"The export needs the Python packages `{EXPORT_PACKAGES}`, which are not installed.")
+        missing = [package for package in ("onnx", "onnxruntime") if not _installed(package)]
+        with gr.Row(visible=bool(missing)):
+            gr.Markdown(f"Not installed: `{'`, `'.join(missing)}` (`onnx` to export, `onnxruntime` to run an "
+                        "export as SD Unet). The button installs the versions pinned in "
+                        "`export/requirements-webui.txt`.")
             install = gr.Button("Install export packages", elem_id="seg_export_install")
         with gr.Row():
             preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=next(iter(PRESETS)),

@@ -247,15 +247,15 @@ mkdir -p "$ROOT/models/VAE-approx"
 [[ -f "$ROOT/models/VAE-approx/vaeapprox-sdxl.pt" ]] ||
   cp "$ROOT/models/VAE-approx/model.pt" "$ROOT/models/VAE-approx/vaeapprox-sdxl.pt"
 
-# 4b. onnx + onnxruntime for the export tests, outside the venv: the WebUI pins protobuf 3.20,
-# which onnx 1.16 cannot use, so they live in their own folder that run_live_tests.sh puts on
-# PYTHONPATH (with a protobuf of their own). Versions chosen for the WebUI's numpy 1.26 / Python 3.11.
+# 4b. The export tab's packages (export/requirements-webui.txt, what its install button installs),
+# kept beside the venv so the venv stays as the WebUI made it: run_live_tests.sh puts this folder
+# on PYTHONPATH. --no-deps, plus onnxruntime's small dependencies, so numpy/torch stay the venv's.
 if [[ -d $TARGET/export-packages/onnxruntime ]]; then
   log "export packages already in $TARGET/export-packages"
 else
-  log "installing onnx, onnxruntime into $TARGET/export-packages"
-  "$VPY" -m pip install -q --target "$TARGET/export-packages" --no-deps onnx==1.16.2 protobuf==4.25.3 \
-    onnxruntime==1.20.1 flatbuffers coloredlogs humanfriendly
+  log "installing the export packages into $TARGET/export-packages"
+  "$VPY" -m pip install -q --target "$TARGET/export-packages" --no-deps -r "$HERE/../../export/requirements-webui.txt" \
+    flatbuffers coloredlogs humanfriendly
 fi
 
 # 5. Launch command -------------------------------------------------------------------------
