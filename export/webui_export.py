@@ -297,20 +297,25 @@ def export_current_checkpoint(
     ok, reason = tensorrt_check()
     if not ok:
         return ExportResult(**result, engine_built=False, engine_not_built_reason=f"{reason}. {NO_TENSORRT_HINT}")
-    entry = _build_and_register(path, request, facts, models_dir, in_channels=getattr(unet, "in_channels", None),
-                                progress=report)
+    entry = _build_and_register(path, request, facts, models_dir, unet=unet, progress=report)
     report(1.0, "done")
     return ExportResult(**result, engine_built=True, engine_id=entry.id,
                         engine_file=f"{ENGINE_FOLDER}/{entry.engine_file}")
 
 
 def _build_and_register(onnx_path: Path, request: ExportRequest, facts: CheckpointFacts, models_dir: Path | str,
-                        *, in_channels: int | None, progress: Progress):
-    """Build the engine for ``onnx_path`` into the engine folder and add it to the registry."""
+                        *, unet: Any, progress: Progress):
+    """Build the engine for ``onnx_path`` into the engine folder and add it to the registry.
+
+    The engine is built refittable, with its refit map (ONNX weight → UNet parameter, taken now,
+    while the UNet is as exported) beside it, so LoRA weights can later be refitted. UNVERIFIED:
+    needs TensorRT and a GPU.
+    """
     import tensorrt  # only reached when tensorrt_available() said yes
 
     from .engine_build import BuildOptions, EngineBuildError, build_unet_engine, current_compute_capability
     from .profiles import model_family
+    from .refit import sidecar_path, weight_map
     from .registry import EngineEntry, EngineKey
 
     folder = engine_folder(models_dir)
@@ -325,15 +330,18 @@ def _build_and_register(onnx_path: Path, request: ExportRequest, facts: Checkpoi
     def on_build(step) -> None:
         progress(0.65 + 0.3 * step.fraction, f"building the TensorRT engine: {step.phase}")
 
+    progress(0.62, "mapping the engine's weights to the UNet (for LoRA refits)")
+    refit_map = weight_map(onnx_path, unet)
     try:
         build_unet_engine(onnx_path, folder / engine_name, request.engine_profile, model_family(facts.family),
-                          in_channels=in_channels, on_progress=on_build,
+                          in_channels=getattr(unet, "in_channels", None), on_progress=on_build,
                           options=BuildOptions(timing_cache_dir=folder / TIMING_CACHE_FOLDER,
-                                               compute_capability=capability))
+                                               compute_capability=capability, refittable=True))
     except EngineBuildError as error:
         raise ExportFailed(f"TensorRT engine build failed: {error}") from error
-    entry = EngineEntry(key=key, engine_file=engine_name, checkpoint_name=facts.name, family=facts.family,
-                        preset=request.preset)
+    refit_file = refit_map.save(sidecar_path(folder / engine_name))
+    entry = EngineEntry(key=key, engine_file=engine_name, extra_files=(refit_file.name,), checkpoint_name=facts.name,
+                        family=facts.family, preset=request.preset, refittable=True)
     registry.add(entry)
     return entry
 
