@@ -9,8 +9,8 @@ uncond and SEG twins, in one session call.
 
 Whenever a session cannot take a call (size, batch or token count outside an engine's profile,
 a checkpoint or SEG layer set the export was not made for, an input it does not have such as
-ControlNet's, gradients wanted by T-SAM), the call runs on the PyTorch UNet instead, and a
-notice says why (once per reason).
+ControlNet's, gradients wanted by T-SAM, weights changed by a LoRA), the call runs on the
+PyTorch UNet instead, and a notice says why (once per reason).
 
 Nothing here imports the WebUI, tensorrt or onnxruntime: the WebUI glue
 (``extension/webui/unet_options.py``) passes the callables, and the sessions
@@ -82,15 +82,19 @@ class ReplacementUNet:
 
     ``blur`` returns the SEG blur for the current call (``None``: SEG is not blurring);
     ``choose_session`` returns the session for a call or raises :class:`EngineCannotRun`;
-    ``fallback`` runs the PyTorch UNet; ``notice`` receives each distinct fallback reason once.
+    ``fallback`` runs the PyTorch UNet; ``notice`` receives each distinct fallback reason once;
+    ``weights_changed`` returns why the PyTorch UNet's weights now differ from the exported ones
+    (a LoRA in the prompt …), or ``None``: such calls must run on PyTorch.
     """
 
     def __init__(self, *, choose_session: SessionChooser, blur: Callable[[], ActiveBlur | None],
-                 fallback: Fallback, notice: Callable[[str], None]):
+                 fallback: Fallback, notice: Callable[[str], None],
+                 weights_changed: Callable[[], str | None] = lambda: None):
         self.choose_session = choose_session
         self.blur = blur
         self.fallback = fallback
         self.notice = notice
+        self.weights_changed = weights_changed
         self._noticed: set[str] = set()
         self.session_calls = 0  #: calls the session ran (the rest ran on PyTorch)
         self.fallback_calls = 0
@@ -114,6 +118,9 @@ class ReplacementUNet:
             raise EngineCannotRun("this call needs gradients (T-SAM), which the export cannot give")
         if context is None or x.dim() != 4:
             raise EngineCannotRun("the call is not a text-conditioned image UNet call")
+        changed = self.weights_changed()
+        if changed is not None:
+            raise EngineCannotRun(changed)
         blur = self.blur()
         if blur is not None and blur.batch != x.shape[0]:
             raise EngineCannotRun(f"SEG asked for a batch of {blur.batch}, the call has {x.shape[0]} rows")

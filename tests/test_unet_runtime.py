@@ -284,3 +284,19 @@ def test_no_fitting_engine_says_why(engines):
                                 compute_capability="9.0", load=LoadedEngine)
     with pytest.raises(EngineCannotRun, match="compute capability"):
         other_gpu(EngineCall(3, 64, 64, 77), None, ())
+
+
+def test_changed_weights_run_on_pytorch_until_they_are_back(sd1):
+    """A LoRA changes the PyTorch UNet's weights, not the export's: those calls must not use the export."""
+    x, timesteps, context, _ = sd1.call((8, 8), 2, 77)
+    reason = ["LoRA networks are active (style)"]
+    with torch.no_grad(), sd1.patch() as patch:
+        notices, fallbacks = [], []
+        chooser = OnnxExportSessions(sd1.path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
+        runtime = ReplacementUNet(choose_session=chooser, blur=patch.active_blur, notice=notices.append,
+                                  fallback=lambda *a, **k: fallbacks.append(1) or sd1.pytorch(*a, **k),
+                                  weights_changed=lambda: reason[0])
+        runtime.forward(x, timesteps, context)
+        reason[0] = None
+        runtime.forward(x, timesteps, context)
+    assert (fallbacks, runtime.session_calls, notices) == ([1], 1, ["LoRA networks are active (style)"])

@@ -8,7 +8,9 @@
 
 Both run every row of a step (cond, uncond, SEG twins) in one call with the blur matrices of the
 current σ (:class:`~seg_tsam.export.unet_runtime.ReplacementUNet`); calls they cannot take run
-on the checkpoint's PyTorch UNet, with the reason in the console and the progress text.
+on the checkpoint's PyTorch UNet, with the reason in the console and the progress text. While
+LoRA networks or hypernetworks are active every call runs on PyTorch (refitting engines with
+LoRA weights is not wired yet).
 
 The WebUI moves the PyTorch UNet to the CPU while a replacement is active; the first fallback
 moves it back to the call's device (it stays there until the replacement is deactivated).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,18 @@ def pytorch_forward(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Ten
     return original(unet, x, timesteps, context, *args, **kwargs)
 
 
+def networks_in_use() -> str | None:
+    """Why the checkpoint's weights differ from an export's now: LoRA-type networks (the built-in
+    Lora extension applies them to the PyTorch modules as they run) or hypernetworks."""
+    networks = sys.modules.get("networks")  # extensions-builtin/Lora
+    loaded = [getattr(network, "name", "?") for network in getattr(networks, "loaded_networks", None) or []]
+    if loaded:
+        return f"LoRA networks are active ({', '.join(loaded)}); the export holds the checkpoint's weights only"
+    if getattr(shared, "loaded_hypernetworks", None):
+        return "hypernetworks are active; the export holds the checkpoint's weights only"
+    return None
+
+
 # --- the replacement -----------------------------------------------------------------------------------
 
 
@@ -79,7 +94,8 @@ class SegReplacementUnet(sd_unet.SdUnet):
 
     def activate(self) -> None:
         self.runtime = ReplacementUNet(choose_session=self.make_chooser(), blur=lambda: active_blur(_pytorch_unet()),
-                                       fallback=pytorch_forward, notice=self._notice)
+                                       fallback=pytorch_forward, notice=self._notice,
+                                       weights_changed=networks_in_use)
 
     def deactivate(self) -> None:
         self.runtime = None  # drops the sessions (engine memory) with it
