@@ -95,7 +95,7 @@ class ReplacementUNet:
         self.fallback = fallback
         self.notice = notice
         self.weights_changed = weights_changed
-        self._noticed: set[str] = set()
+        self.notices: set[str] = set()  #: the distinct fallback reasons given so far
         self.session_calls = 0  #: calls the session ran (the rest ran on PyTorch)
         self.fallback_calls = 0
 
@@ -130,6 +130,6 @@ class ReplacementUNet:
         return session, session_inputs(session, x, timesteps, context, extra, blur)
 
     def _notice(self, reason: str) -> None:
-        if reason not in self._noticed:
-            self._noticed.add(reason)
+        if reason not in self.notices:
+            self.notices.add(reason)
             self.notice(reason)

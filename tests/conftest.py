@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +50,32 @@ def fresh_unet_factory():
         return tiny_models.tiny_unet(config)
 
     return build
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on shared cores: intra-op threads only add contention (measured 3× slower).
+
+    Modules that export or run tiny UNets use it with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trt():
+    """The real ``tensorrt`` module, or a skip that says exactly what is missing (engines are
+    built from ONNX files, so ``onnx`` too)."""
+    from seg_tsam.export.engine_build import tensorrt_available
+
+    available, reason = tensorrt_available()
+    if not available:
+        pytest.skip(f"needs TensorRT and a CUDA device: {reason}")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT can build here, but torch sees no CUDA device to hold the engine's buffers")
+    pytest.importorskip("onnx")
+    import tensorrt
+
+    return tensorrt

@@ -422,22 +422,6 @@ def test_toy_graph_matches_numpy_in_onnxruntime(tmp_path):
 # --- TensorRT + CUDA ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trt():
-    """The real ``tensorrt`` module, or a skip that says exactly what is missing."""
-    available, reason = tensorrt_available()
-    if not available:
-        pytest.skip(f"needs TensorRT and a CUDA device: {reason}")
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT can build here, but torch sees no CUDA device to hold the engine's buffers")
-    pytest.importorskip("onnx")
-    import tensorrt
-
-    return tensorrt
-
-
 def compute_capability() -> str:
     import torch
 

@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from seg_tsam.export.engine_build import BuildOptions, build_unet_engine, tensorrt_available
+from seg_tsam.export.engine_build import BuildOptions, build_unet_engine
 from seg_tsam.export.onnx_export import export_onnx, keep_installed_attention
 from seg_tsam.export.profiles import EngineProfile, ModelFamily
 from seg_tsam.export.refit import (
@@ -56,13 +56,7 @@ LATENT, BATCH, ROWS, SIGMA = (9, 6), 3, [1, 2], 2.0
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on shared cores: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -555,19 +549,6 @@ TINY_SD1_FAMILY = ModelFamily("tiny-sd1", context_dim=32)
 TRT_PROFILE = EngineProfile(images=1, height=(64, 72, 128), width=(64, 80, 128))
 TRT_LATENT = (9, 10)
 TRT_TOLERANCE = 1e-3  # fp32 engine without TF32 (BuildOptions default)
-
-
-@pytest.fixture(scope="module")
-def trt():
-    """The real ``tensorrt`` module, or a skip that says exactly what is missing."""
-    available, reason = tensorrt_available()
-    if not available:
-        pytest.skip(f"needs TensorRT and a CUDA device: {reason}")
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT can build here, but torch sees no CUDA device to hold the engine's buffers")
-    import tensorrt
-
-    return tensorrt
 
 
 def run_engine(trt, engine, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -200,23 +200,14 @@ def test_kernel_runs_on_the_current_stream():
 
 
 @pytest.fixture(scope="module")
-def registered_plugin():
+def registered_plugin(trt):
+    """``trt`` (conftest: TensorRT, CUDA, onnx) with the plugin registered, or a skip saying why."""
     reason = qbp.query_blur_plugin_unavailable_reason()
     if reason is not None:
         pytest.skip(f"needs TensorRT ≥ 10.6 with tensorrt.plugin and triton: {reason}")
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device for the engine and the kernel")
-    pytest.importorskip("onnx")
-    from seg_tsam.export.engine_build import tensorrt_available
-
-    available, why = tensorrt_available()
-    if not available:
-        pytest.skip(f"TensorRT cannot build engines here: {why}")
     assert qbp.register_query_blur_plugin() is True
     assert qbp.register_query_blur_plugin() is True  # idempotent
-    import tensorrt
-
-    return tensorrt
+    return trt
 
 
 def write_query_blur_onnx(path: Path, height: int, width: int, channels: int, dtype: torch.dtype) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,14 @@ def foreign_replacement_unet() -> str | None:
 def replacement_unet_message(feature: str, label: str) -> str:
     return (f"{feature} needs the checkpoint's own UNet, but the SD Unet setting runs {label!r} instead; "
             f"set Settings → SD Unet to None (or to a [SEG …] UNet of this extension)")
+
+
+def package_installed(package: str) -> bool:
+    """Whether ``package`` can be imported, without importing it (heavy packages stay unloaded)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def option(key: str, default: Any) -> Any:

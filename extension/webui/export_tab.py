@@ -12,7 +12,6 @@ come from a request: the folders are the WebUI's models folder, the names are de
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,8 @@ from ...export.webui_export import (
     ExportRequestError,
 )
 
+from .common import package_installed
+
 logger = logging.getLogger("seg_tsam")
 
 CUSTOM = "Custom"
@@ -47,14 +48,6 @@ API_PREFIX = "/seg-tsam"
 
 def _models_dir() -> str:
     return paths.models_path
-
-
-def _installed(package: str) -> bool:
-    """Whether ``package`` can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 @contextlib.contextmanager
@@ -93,7 +86,7 @@ def run_export(request: ExportRequest, progress=_state_progress) -> webui_export
 
 def tensorrt_notice() -> str:
     """The tab's top line when TensorRT is not installed (empty when it is; the full check runs at export)."""
-    if _installed("tensorrt"):
+    if package_installed("tensorrt"):
         return ""
     return f"⚠️ TensorRT is not installed (`import tensorrt` would fail). {NO_TENSORRT_HINT}"
 
@@ -179,7 +172,7 @@ def on_ui_tabs():
     with gr.Blocks(analytics_enabled=False) as tab:
         notice = tensorrt_notice()
         gr.Markdown(notice, visible=bool(notice), elem_id="seg_export_trt_notice")
-        missing = [package for package in ("onnx", "onnxruntime") if not _installed(package)]
+        missing = [package for package in ("onnx", "onnxruntime") if not package_installed(package)]
         with gr.Row(visible=bool(missing)):
             gr.Markdown(f"Not installed: `{'`, `'.join(missing)}` (`onnx` to export, `onnxruntime` to run an "
                         "export as SD Unet). The button installs the versions pinned in "
@@ -254,8 +247,9 @@ def _api_delete(engine_id: str) -> dict[str, Any]:
 
 def _api_status() -> dict[str, Any]:
     """What the export can do here, without importing the heavy packages."""
-    return {"onnx_installed": _installed("onnx"), "onnxruntime_installed": _installed("onnxruntime"),
-            "tensorrt_installed": _installed("tensorrt"), "presets": list(PRESETS),
+    return {"onnx_installed": package_installed("onnx"),
+            "onnxruntime_installed": package_installed("onnxruntime"),
+            "tensorrt_installed": package_installed("tensorrt"), "presets": list(PRESETS),
             "precisions": list(webui_export.PRECISIONS)}
 
 

@@ -18,7 +18,6 @@ moves it back to the call's device (it stays there until the replacement is deac
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -33,8 +32,8 @@ from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports
 from ...export.ort_session import OnnxExportSessions
 from ...export.registry import EngineEntry, EngineRegistry, RegistryError
 from ...export.unet_runtime import EngineCannotRun, ReplacementUNet, SessionChooser
-from ...export.webui_export import engine_folder, onnx_folder
-from .common import REPLACEMENT_UNET_MARKER
+from ...export.webui_export import checkpoint_facts, engine_folder, onnx_folder
+from .common import REPLACEMENT_UNET_MARKER, package_installed
 from .seg_runtime import active_blur
 
 logger = logging.getLogger("seg_tsam")
@@ -51,8 +50,8 @@ def _pytorch_unet() -> torch.nn.Module:
 
 
 def loaded_checkpoint_hash() -> str:
-    info = shared.sd_model.sd_checkpoint_info
-    return str(info.shorthash or info.calculate_shorthash())
+    """The loaded checkpoint's short hash, as the export recorded it for its checkpoint."""
+    return checkpoint_facts(shared.sd_model).short_hash
 
 
 def pytorch_forward(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *args: Any,
@@ -180,18 +179,11 @@ def _or_refusal(make_chooser: Callable[[], SessionChooser]) -> Callable[[], Sess
     return make
 
 
-def _installed(package: str) -> bool:
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def list_unet_options(options: list) -> None:
     """``script_callbacks.on_list_unets``: add our options (cheap: reads only small index files)."""
     onnx_dir = onnx_folder(paths.models_path)
     options.extend(_onnx_option(info, onnx_dir) for info in list_onnx_exports(onnx_dir))
-    if not _installed("tensorrt"):
+    if not package_installed("tensorrt"):
         return
     registry = EngineRegistry(engine_folder(paths.models_path))
     try:

@@ -86,7 +86,7 @@ def _replacement():
     counts = {}
     if runtime is not None:
         counts = {"session_calls": runtime.session_calls, "fallback_calls": runtime.fallback_calls,
-                  "notices": sorted(runtime._noticed)}
+                  "notices": sorted(runtime.notices)}
     return {"label": current.option.label, **counts}
 
 
