@@ -239,7 +239,7 @@ def _static_check(path: Path) -> None:
         raise OnnxExportError(f"the exported graph does not suit TensorRT:\n{exc}") from exc
 
 
-def _external_locations(onnx_path: Path) -> set[str]:
+def external_data_files(onnx_path: Path) -> set[str]:
     """External data files an existing model refers to (empty when it has none or is unreadable)."""
     try:
         import onnx
@@ -257,7 +257,7 @@ def _external_locations(onnx_path: Path) -> set[str]:
 
 def _commit(temp_dir: Path, final_name: str, data_name: str | None, target: Path) -> None:
     """Stage 4: move the data file, then the model (the commit point), then drop replaced data."""
-    previous_data = _external_locations(target) if target.exists() else set()
+    previous_data = external_data_files(target) if target.exists() else set()
     moved_data = None
     try:
         if data_name is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,3 +57,20 @@ def list_onnx_exports(folder: Path | str) -> list[OnnxExportInfo]:
         if info.onnx_file == onnx_path.name and onnx_path.is_file():
             exports.append(info)
     return exports
+
+
+def remove_onnx_export(onnx_path: Path, external_data: Iterable[str] = ()) -> list[str]:
+    """Delete an export: its info file first (so a half-deleted export is never listed), then the
+    external data files named in ``external_data``, the ONNX file and its refit map. Returns the
+    names removed."""
+    from .refit import sidecar_path
+
+    folder = onnx_path.parent
+    paths = [info_path(onnx_path), *(folder / Path(name).name for name in external_data), onnx_path,
+             sidecar_path(onnx_path)]
+    removed = []
+    for path in paths:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    return removed

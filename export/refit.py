@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 FORMAT_VERSION = 1
-#: The sidecar file next to an engine: ``<engine file name><suffix>``.
+#: The sidecar file next to an engine or ONNX export: ``<file name><suffix>``.
 SIDECAR_SUFFIX = ".refit.json"
 
 #: How an initializer is made from its torch tensor (after the dtype cast).
@@ -285,9 +285,20 @@ def _tied_problems(entry: MappedWeight, tensors: Mapping[str, torch.Tensor]) -> 
 
 
 def sidecar_path(engine_path: str | os.PathLike) -> Path:
-    """Where an engine's refit map lives: ``<engine>.refit.json`` beside it."""
+    """Where an engine's (or ONNX export's) refit map lives: ``<file>.refit.json`` beside it."""
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + SIDECAR_SUFFIX)
+
+
+def refit_map_beside(path: str | os.PathLike) -> RefitMap:
+    """The refit map saved beside the exported file ``path``; :class:`RefitError` says why there is none."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        raise RefitError(f"{Path(path).name} has no refit map ({sidecar.name}); export it again to use LoRA with it")
+    try:
+        return RefitMap.load(sidecar)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RefitError(f"the refit map {sidecar.name} cannot be read ({error}); export again") from error
 
 
 # --- values and hashes ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Registered SEG TensorRT engines as sessions for :class:`~.unet_runtime.ReplacementUNet`.
 
 UNVERIFIED: written against TensorRT 10's name-based tensor API (``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``); no GPU or TensorRT was available where it was
+``set_tensor_address``, ``execute_async_v3``) and ``Refitter``; no GPU or TensorRT was available where it was
 written, so :class:`TensorRTSession` has never run. The engine *choice*
 (:class:`RegistryEngines`) is plain Python over the registry and is tested on CPU.
 
@@ -16,7 +16,7 @@ Module import touches neither tensorrt nor the WebUI.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,14 @@ import torch
 
 from ..extension.core.query_blur_patch import ActiveBlur
 from .profiles import EngineCall, blur_input_level
+from .refit import RefitError, refit_engine, refit_map_beside
 from .registry import EngineEntry, EngineQuery, EngineRegistry, LookupResult, find_engine
 from .seg_unet import OUTPUT, SAMPLE
-from .unet_runtime import EngineCannotRun, check_extra_inputs
+from .unet_runtime import CHECKPOINT_WEIGHTS, EngineCannotRun, UNetWeights, check_extra_inputs
 
 logger = logging.getLogger("seg_tsam")
+
+_UNKNOWN_WEIGHTS = object()  #: equal to no key: the next call refits again
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -38,15 +41,21 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 
 
 class TensorRTSession:
-    """A deserialised engine and one execution context; ``run`` takes named CUDA tensors."""
+    """A deserialised engine and one execution context; ``run`` takes named CUDA tensors.
+
+    LoRA (:meth:`load_weights`): the engine (built refittable) is refitted in place with the
+    PyTorch UNet's current weights through the refit map saved beside it.
+    """
 
     def __init__(self, engine_path: Path | str):
         import tensorrt as trt
 
+        self.engine_path = Path(engine_path)
+        self.weights_key: Hashable = CHECKPOINT_WEIGHTS
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
-            raise EngineCannotRun(f"TensorRT could not load the engine {Path(engine_path).name} "
+            raise EngineCannotRun(f"TensorRT could not load the engine {self.engine_path.name} "
                                   "(built by another TensorRT version?)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -69,6 +78,16 @@ class TensorRTSession:
             raise RuntimeError("TensorRT engine execution failed")
         stream.synchronize()
         return output
+
+    def load_weights(self, weights: UNetWeights) -> None:
+        """Refit the engine with ``weights`` (for the checkpoint's own too: they are the UNet's
+        restored weights). A failed refit leaves the engine's weights unknown until the next one."""
+        self.weights_key = _UNKNOWN_WEIGHTS
+        try:
+            refit_engine(self.engine, refit_map_beside(self.engine_path), weights.applied())
+        except RefitError as error:
+            raise EngineCannotRun(f"the engine {self.engine_path.name} cannot take these weights: {error}") from None
+        self.weights_key = weights.key
 
 
 class RegistryEngines:

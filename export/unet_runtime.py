@@ -9,8 +9,13 @@ uncond and SEG twins, in one session call.
 
 Whenever a session cannot take a call (size, batch or token count outside an engine's profile,
 a checkpoint or SEG layer set the export was not made for, an input it does not have such as
-ControlNet's, gradients wanted by T-SAM, weights changed by a LoRA), the call runs on the
-PyTorch UNet instead, and a notice says why (once per reason).
+ControlNet's, gradients wanted by T-SAM, a hypernetwork), the call runs on the PyTorch UNet
+instead, and a notice says why (once per reason).
+
+LoRA: the WebUI applies LoRA networks by changing the PyTorch UNet's weights. Every call says
+which weights the UNet should have (:class:`UNetWeights`, a cheap key); when the chosen session
+holds others, it takes them from the PyTorch UNet first (:meth:`UNetSession.load_weights`: a
+TensorRT refit, a new ONNX Runtime session), once per change of LoRA set or multiplier.
 
 Nothing here imports the WebUI, tensorrt or onnxruntime: the WebUI glue
 (``extension/webui/unet_options.py``) passes the callables, and the sessions
@@ -19,7 +24,8 @@ Nothing here imports the WebUI, tensorrt or onnxruntime: the WebUI glue
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -33,13 +39,43 @@ class EngineCannotRun(RuntimeError):
     """This call is outside what the exported UNet takes; the message says why (shown to the user)."""
 
 
+#: The weights key of the checkpoint's own weights: what an export holds when it is loaded.
+CHECKPOINT_WEIGHTS: Hashable = ()
+
+
+@dataclass(frozen=True)
+class UNetWeights:
+    """The weights the PyTorch UNet is to have for a call: the checkpoint's, or with LoRA networks.
+
+    ``key`` names them and is compared on every call (equal keys, equal weights;
+    :data:`CHECKPOINT_WEIGHTS` for the checkpoint's own). ``applied()`` puts them on the PyTorch
+    UNet's modules and returns it: that costs a pass over the model, so it is called only when a
+    session has to take them.
+    """
+
+    key: Hashable
+    applied: Callable[[], torch.nn.Module]
+
+
+def _checkpoint_weights() -> UNetWeights:
+    def unexpected() -> torch.nn.Module:
+        raise AssertionError("a session starts with the checkpoint's weights; nothing to apply")
+
+    return UNetWeights(CHECKPOINT_WEIGHTS, unexpected)
+
+
 class UNetSession(Protocol):
     """A loaded exported SEG UNet: named tensors in, ``out_sample`` out."""
 
     input_names: tuple[str, ...]
     levels: tuple[int, ...]  #: token-grid levels with ``blur_h_<l>``/``blur_w_<l>`` inputs
+    weights_key: Hashable  #: the key of the weights it holds (:data:`CHECKPOINT_WEIGHTS` once loaded)
 
     def run(self, named: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def load_weights(self, weights: UNetWeights) -> None:
+        """Hold ``weights`` from now on, or raise :class:`EngineCannotRun` (keeping ``weights_key``
+        true to what it holds)."""
 
 
 #: ``(call, blur, extra input names) -> session``, or raise :class:`EngineCannotRun`.
@@ -83,21 +119,24 @@ class ReplacementUNet:
     ``blur`` returns the SEG blur for the current call (``None``: SEG is not blurring);
     ``choose_session`` returns the session for a call or raises :class:`EngineCannotRun`;
     ``fallback`` runs the PyTorch UNet; ``notice`` receives each distinct fallback reason once;
-    ``weights_changed`` returns why the PyTorch UNet's weights now differ from the exported ones
-    (a LoRA in the prompt …), or ``None``: such calls must run on PyTorch.
+    ``weights`` says which weights the UNet has for this call (default: always the checkpoint's),
+    or raises :class:`EngineCannotRun` when no export can have them (hypernetworks …). Weights a
+    session refused once are not offered to a session again: they run on PyTorch.
     """
 
     def __init__(self, *, choose_session: SessionChooser, blur: Callable[[], ActiveBlur | None],
                  fallback: Fallback, notice: Callable[[str], None],
-                 weights_changed: Callable[[], str | None] = lambda: None):
+                 weights: Callable[[], UNetWeights] = _checkpoint_weights):
         self.choose_session = choose_session
         self.blur = blur
         self.fallback = fallback
         self.notice = notice
-        self.weights_changed = weights_changed
+        self.weights = weights
         self.notices: set[str] = set()  #: the distinct fallback reasons given so far
         self.session_calls = 0  #: calls the session ran (the rest ran on PyTorch)
         self.fallback_calls = 0
+        self.weight_loads = 0  #: times a session took new weights (LoRA changes)
+        self._refused_weights: dict[Hashable, str] = {}
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
@@ -118,16 +157,26 @@ class ReplacementUNet:
             raise EngineCannotRun("this call needs gradients (T-SAM), which the export cannot give")
         if context is None or x.dim() != 4:
             raise EngineCannotRun("the call is not a text-conditioned image UNet call")
-        changed = self.weights_changed()
-        if changed is not None:
-            raise EngineCannotRun(changed)
+        weights = self.weights()
+        if weights.key in self._refused_weights:
+            raise EngineCannotRun(self._refused_weights[weights.key])
         blur = self.blur()
         if blur is not None and blur.batch != x.shape[0]:
             raise EngineCannotRun(f"SEG asked for a batch of {blur.batch}, the call has {x.shape[0]} rows")
         extra = {name: value for name, value in kwargs.items() if value is not None}
         call = EngineCall(rows=x.shape[0], latent_height=x.shape[2], latent_width=x.shape[3], tokens=context.shape[1])
         session = self.choose_session(call, blur, tuple(extra))
+        if session.weights_key != weights.key:
+            self._load_weights(session, weights)
         return session, session_inputs(session, x, timesteps, context, extra, blur)
+
+    def _load_weights(self, session: UNetSession, weights: UNetWeights) -> None:
+        try:
+            session.load_weights(weights)
+        except EngineCannotRun as reason:
+            self._refused_weights[weights.key] = str(reason)
+            raise
+        self.weight_loads += 1
 
     def _notice(self, reason: str) -> None:
         if reason not in self.notices:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .onnx_export import DEFAULT_OPSET, EXPORT_DTYPES, AttentionPath
-from .onnx_exports import OnnxExportInfo, write_export_info
+from .onnx_exports import OnnxExportInfo, list_onnx_exports, remove_onnx_export, write_export_info
 from .profiles import PRESETS, EngineProfile, ProfileError, preset_profile
+from .refit import RefitMap, sidecar_path, weight_map
 from .registry import EngineRegistry, RegistryError, normalize_layers
 
 ONNX_FOLDER = "Unet-seg-onnx"
@@ -33,6 +34,7 @@ NO_TENSORRT_HINT = "ONNX export still works; engines need TensorRT and a CUDA GP
 
 _LAYERS_ALLOWED = re.compile(r"^[A-Za-z0-9_,:\- ]+$")
 _ENGINE_ID = re.compile(r"^[0-9a-f]{16}$")
+_ONNX_NAME = re.compile(r"^[A-Za-z0-9_-]{1,160}\.onnx$")  #: what onnx_file_name makes
 _REQUEST_FIELDS = frozenset({"preset", "profile", "seg_layers", "precision", "build_engine"})
 
 #: ``progress(fraction in [0, 1], text)``; the tab maps it to Gradio, the API to ``shared.state``.
@@ -45,6 +47,10 @@ class ExportRequestError(ValueError):
 
 class EngineNotFound(LookupError):
     """A well-formed engine id that the registry does not know (the API answers 404)."""
+
+
+class ExportNotFound(LookupError):
+    """A well-formed ONNX export name that the export folder does not list (the API answers 404)."""
 
 
 class ExportFailed(RuntimeError):
@@ -130,9 +136,16 @@ def check_layers(layers: Any) -> str:
 
 def check_engine_id(engine_id: Any) -> str:
     """``engine_id`` if it has the registry's id form (16 hex digits), else :class:`ExportRequestError`."""
-    if not isinstance(engine_id, str) or not _ENGINE_ID.match(engine_id):
+    if not isinstance(engine_id, str) or not _ENGINE_ID.fullmatch(engine_id):
         raise ExportRequestError(f"not an engine id (16 hex digits): {str(engine_id)[:40]!r}")
     return engine_id
+
+
+def check_onnx_name(name: Any) -> str:
+    """``name`` if it has the form of an export's file name (no folder), else :class:`ExportRequestError`."""
+    if not isinstance(name, str) or not _ONNX_NAME.fullmatch(name):
+        raise ExportRequestError(f"not an ONNX export name (like 'abc1234567_mid_fp16.onnx'): {str(name)[:80]!r}")
+    return name
 
 
 # --- names and folders ----------------------------------------------------------------------------
@@ -245,7 +258,11 @@ def export_current_checkpoint(
 ) -> ExportResult:
     """Export ``sd_model``'s UNet with SEG at ``request.seg_layers`` to
     ``models_dir/Unet-seg-onnx/<hash>_<layers>_<precision>.onnx``, check it, and, when asked and
-    TensorRT is usable, build and register an engine in ``models_dir/Unet-seg-trt``.
+    TensorRT is usable, build and register an engine in ``models_dir/Unet-seg-trt``. Beside the
+    ONNX file go its info (``.json``) and refit map (``.onnx.refit.json``, for LoRA).
+
+    The UNet's weights are exported as they are: the caller makes them the checkpoint's own
+    (the WebUI glue takes applied LoRA weights off first).
 
     ``attention_path`` selects the plain attention path while tracing (see ``onnx_export``).
     ``tensorrt_check`` defaults to :func:`engine_build.tensorrt_available`. Raises
@@ -279,6 +296,9 @@ def export_current_checkpoint(
                            attention_path=attention_path)
     except OnnxExportError as error:
         raise ExportFailed(str(error)) from error
+    report(0.55, "mapping the export's weights to the UNet (for LoRA)")
+    refit_map = weight_map(path, unet)  # now, while the UNet holds the exported weights
+    refit_map.save(sidecar_path(path))
     write_export_info(path, OnnxExportInfo(onnx_file=name, checkpoint_hash=facts.short_hash,
                                            checkpoint_name=facts.name, family=facts.family,
                                            seg_layers=normalize_layers(request.seg_layers),
@@ -297,25 +317,25 @@ def export_current_checkpoint(
     ok, reason = tensorrt_check()
     if not ok:
         return ExportResult(**result, engine_built=False, engine_not_built_reason=f"{reason}. {NO_TENSORRT_HINT}")
-    entry = _build_and_register(path, request, facts, models_dir, unet=unet, progress=report)
+    entry = _build_and_register(path, request, facts, models_dir, refit_map=refit_map,
+                                in_channels=getattr(unet, "in_channels", None), progress=report)
     report(1.0, "done")
     return ExportResult(**result, engine_built=True, engine_id=entry.id,
                         engine_file=f"{ENGINE_FOLDER}/{entry.engine_file}")
 
 
 def _build_and_register(onnx_path: Path, request: ExportRequest, facts: CheckpointFacts, models_dir: Path | str,
-                        *, unet: Any, progress: Progress):
+                        *, refit_map: RefitMap, in_channels: int | None, progress: Progress):
     """Build the engine for ``onnx_path`` into the engine folder and add it to the registry.
 
-    The engine is built refittable, with its refit map (ONNX weight → UNet parameter, taken now,
-    while the UNet is as exported) beside it, so LoRA weights can later be refitted. UNVERIFIED:
-    needs TensorRT and a GPU.
+    The engine is built refittable, with the export's refit map (ONNX weight → UNet parameter;
+    the engine's weights keep the ONNX names) beside it, so LoRA weights can be refitted.
+    UNVERIFIED: needs TensorRT and a GPU.
     """
     import tensorrt  # only reached when tensorrt_available() said yes
 
     from .engine_build import BuildOptions, EngineBuildError, build_unet_engine, current_compute_capability
     from .profiles import model_family
-    from .refit import sidecar_path, weight_map
     from .registry import EngineEntry, EngineKey
 
     folder = engine_folder(models_dir)
@@ -330,11 +350,9 @@ def _build_and_register(onnx_path: Path, request: ExportRequest, facts: Checkpoi
     def on_build(step) -> None:
         progress(0.65 + 0.3 * step.fraction, f"building the TensorRT engine: {step.phase}")
 
-    progress(0.62, "mapping the engine's weights to the UNet (for LoRA refits)")
-    refit_map = weight_map(onnx_path, unet)
     try:
         build_unet_engine(onnx_path, folder / engine_name, request.engine_profile, model_family(facts.family),
-                          in_channels=getattr(unet, "in_channels", None), on_progress=on_build,
+                          in_channels=in_channels, on_progress=on_build,
                           options=BuildOptions(timing_cache_dir=folder / TIMING_CACHE_FOLDER,
                                                compute_capability=capability, refittable=True))
     except EngineBuildError as error:
@@ -390,3 +408,42 @@ def delete_engine(models_dir: Path | str, engine_id: Any) -> dict[str, Any]:
         return registry.delete(engine_id).to_dict()
     except RegistryError as error:
         raise ExportFailed(f"could not delete engine {engine_id}: {error}") from error
+
+
+# --- ONNX exports: list and delete --------------------------------------------------------------------
+
+
+EXPORT_COLUMNS = ("file", "checkpoint", "hash", "family", "seg_layers", "precision", "LoRA")
+
+
+def list_exports(models_dir: Path | str) -> list[dict[str, Any]]:
+    """Every listed ONNX export as a dict (its info plus ``lora_ready``: its refit map is present)."""
+    folder = onnx_folder(models_dir)
+    return [{**asdict(info), "lora_ready": sidecar_path(folder / info.onnx_file).is_file()}
+            for info in list_onnx_exports(folder)]
+
+
+def export_rows(exports: list[dict[str, Any]]) -> list[list[Any]]:
+    """Table rows in :data:`EXPORT_COLUMNS` order, for the tab's Dataframe."""
+    return [[export["onnx_file"], export["checkpoint_name"], export["checkpoint_hash"], export["family"],
+             export["seg_layers"], export["precision"], "yes" if export["lora_ready"] else "export again"]
+            for export in exports]
+
+
+def delete_export(models_dir: Path | str, onnx_file: Any) -> dict[str, Any]:
+    """Delete the listed export ``onnx_file`` (info, ONNX, external data, refit map); return its
+    info and the removed file names. :class:`ExportRequestError` for a malformed name,
+    :class:`ExportNotFound` for one that is not listed. Engines built from it stay."""
+    from .onnx_export import external_data_files
+
+    name = check_onnx_name(onnx_file)
+    folder = onnx_folder(models_dir)
+    info = next((info for info in list_onnx_exports(folder) if info.onnx_file == name), None)
+    if info is None:
+        raise ExportNotFound(f"no ONNX export named {name}")
+    path = folder / name
+    try:
+        removed = remove_onnx_export(path, external_data_files(path))
+    except OSError as error:
+        raise ExportFailed(f"could not delete {name}: {error}") from error
+    return {**asdict(info), "removed": removed}

@@ -9,7 +9,9 @@ the same interface and is covered by the GPU tests; its *choice* of engine is te
 
 from __future__ import annotations
 
+import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -24,11 +26,13 @@ from seg_tsam.export.profiles import EngineCall, EngineProfile  # noqa: E402
 from seg_tsam.export.registry import EngineEntry, EngineKey, EngineRegistry  # noqa: E402
 from seg_tsam.export.seg_unet import SegExportUNet  # noqa: E402
 from seg_tsam.export.trt_runtime import RegistryEngines  # noqa: E402
-from seg_tsam.export.unet_runtime import EngineCannotRun, ReplacementUNet  # noqa: E402
+from seg_tsam.export.refit import sidecar_path, weight_map  # noqa: E402
+from seg_tsam.export.unet_runtime import CHECKPOINT_WEIGHTS, EngineCannotRun, ReplacementUNet, UNetWeights  # noqa: E402
 from seg_tsam.extension.adapters import tiny_models  # noqa: E402
 from seg_tsam.extension.adapters.unet_layers import self_attention_layers  # noqa: E402
 from seg_tsam.extension.core.layers import select_layers  # noqa: E402
 from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch  # noqa: E402
+from test_refit import lora_like  # noqa: E402
 
 INF = math.inf
 CHECKPOINT = "0123456789"
@@ -46,6 +50,7 @@ class Exported:
         self.sdxl = config.get("addition_embed_type") == "text_time"
         self.context_width = config["cross_attention_dim"]
         self.path = export_onnx(SegExportUNet(self.unet, flavour="diffusers", layers=layers), folder / "unet.onnx")
+        weight_map(self.path, self.unet).save(sidecar_path(self.path))  # as the WebUI export does, for LoRA
 
     def call(self, latent, batch, tokens, seed=0):
         generator = torch.Generator().manual_seed(seed)
@@ -281,17 +286,105 @@ def test_no_fitting_engine_says_why(engines):
         other_gpu(EngineCall(3, 64, 64, 77), None, ())
 
 
-def test_changed_weights_run_on_pytorch_until_they_are_back(sd1):
-    """A LoRA changes the PyTorch UNet's weights, not the export's: those calls must not use the export."""
+# --- LoRA: the session takes the PyTorch UNet's weights when they change --------------------------------
+
+
+def with_hooks(unet: torch.nn.Module, layers: str, rows: list[int], batch: int, sigma: float, *call) -> torch.Tensor:
+    """The reference: ``unet`` with SEG's own hooks blurring ``rows``."""
+    x, timesteps, context, extra = call
+    patch = QueryBlurPatch(select_layers(self_attention_layers(unet), layers), layers)
+    added = dict(extra) if extra else None
+    with torch.no_grad(), patch, patch.blurring(rows, batch, sigma):
+        return unet(x, timesteps, context, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class Weights:
+    """What the WebUI glue's ``current_weights`` says, switchable; counts ``applied()`` calls."""
+
+    def __init__(self, exported: Exported):
+        self.unet_by_key = {CHECKPOINT_WEIGHTS: exported.unet}
+        self.key = CHECKPOINT_WEIGHTS
+        self.applied = 0
+
+    def __call__(self) -> UNetWeights:
+        key = self.key
+
+        def applied() -> torch.nn.Module:
+            self.applied += 1
+            return self.unet_by_key[key]
+
+        return UNetWeights(key, applied)
+
+
+def test_lora_weights_are_loaded_into_the_session_once_per_change(exported):
+    """A LoRA-changed UNet (as the WebUI's Lora extension leaves it) vs the export that took its
+    weights through the refit map; back to the checkpoint's weights afterwards."""
+    lora_unet, _ = lora_like(exported.unet)
+    weights = Weights(exported)
+    weights.unet_by_key[("style", 0.8)] = lora_unet
+    rows, batch, sigma = [1], 3, 2.0
+    call = exported.call((9, 7), batch, 77, seed=4)
+    notices = []
+    with torch.no_grad(), exported.patch() as patch, patch.blurring(rows, batch, sigma):
+        chooser = OnnxExportSessions(exported.path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
+        runtime = ReplacementUNet(choose_session=chooser, blur=patch.active_blur, notice=notices.append,
+                                  fallback=lambda *a, **k: pytest.fail("no call may fall back"), weights=weights)
+        plain = runtime.forward(call[0], call[1], call[2], **call[3])
+        weights.key = ("style", 0.8)
+        with_lora = [runtime.forward(call[0], call[1], call[2], **call[3]) for _ in range(2)]
+        weights.key = CHECKPOINT_WEIGHTS
+        plain_again = runtime.forward(call[0], call[1], call[2], **call[3])
+    expected_plain = with_hooks(exported.unet, exported.layers, rows, batch, sigma, *call)
+    expected_lora = with_hooks(lora_unet, exported.layers, rows, batch, sigma, *call)
+    assert relative_error(expected_lora, expected_plain) > 1e-2  # the LoRA makes a difference
+    assert relative_error(plain, expected_plain) <= 1e-4 and relative_error(plain_again, expected_plain) <= 1e-4
+    assert all(relative_error(output, expected_lora) <= 1e-4 for output in with_lora)
+    # one load per change (LoRA on, LoRA off); the way back reloads the file, without asking the UNet
+    assert (runtime.weight_loads, weights.applied, runtime.session_calls, notices) == (2, 1, 4, [])
+
+
+def test_weights_a_session_cannot_take_run_on_pytorch_and_are_not_retried(sd1, tmp_path):
+    ambiguous = copy.deepcopy(sd1.unet)  # a fresh GroupNorm's ones: which initializer holds it is unknown
+    with torch.no_grad():
+        ambiguous.down_blocks[1].resnets[0].norm1.weight.add_(0.5)
+    without_map = tmp_path / "copied.onnx"  # an export with no refit map beside it
+    shutil.copyfile(sd1.path, without_map)
+    for path, changed, reason in ((sd1.path, ambiguous, "no name or scope tells which"),
+                                  (without_map, lora_like(sd1.unet)[0], "has no refit map")):
+        weights = Weights(sd1)
+        weights.unet_by_key["lora"] = changed
+        weights.key = "lora"
+        notices, fallbacks = [], []
+        x, timesteps, context, _ = sd1.call((8, 8), 2, 77)
+        chooser = OnnxExportSessions(path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
+        runtime = ReplacementUNet(choose_session=chooser, blur=lambda: None, notice=notices.append, weights=weights,
+                                  fallback=lambda *a, **k: fallbacks.append(1) or changed(*a, return_dict=False)[0])
+        with torch.no_grad():
+            outputs = [runtime.forward(x, timesteps, context) for _ in range(2)]
+            expected = changed(x, timesteps, context, return_dict=False)[0]
+        assert all(torch.equal(output, expected) for output in outputs)
+        assert (fallbacks, runtime.session_calls, runtime.weight_loads) == ([1, 1], 0, 0)
+        assert len(notices) == 1 and reason in notices[0], notices
+        assert weights.applied <= 1  # refused once, then not tried again
+
+
+def test_weights_no_export_can_hold_run_on_pytorch(sd1):
+    """The glue's ``current_weights`` raises for hypernetworks: those calls run on PyTorch."""
     x, timesteps, context, _ = sd1.call((8, 8), 2, 77)
-    reason = ["LoRA networks are active (style)"]
+    reason = ["hypernetworks are active"]
+
+    def weights() -> UNetWeights:
+        if reason[0]:
+            raise EngineCannotRun(reason[0])
+        return UNetWeights(CHECKPOINT_WEIGHTS, lambda: pytest.fail("nothing to apply"))
+
     with torch.no_grad(), sd1.patch() as patch:
         notices, fallbacks = [], []
         chooser = OnnxExportSessions(sd1.path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
         runtime = ReplacementUNet(choose_session=chooser, blur=patch.active_blur, notice=notices.append,
                                   fallback=lambda *a, **k: fallbacks.append(1) or sd1.pytorch(*a, **k),
-                                  weights_changed=lambda: reason[0])
+                                  weights=weights)
         runtime.forward(x, timesteps, context)
         reason[0] = None
         runtime.forward(x, timesteps, context)
-    assert (fallbacks, runtime.session_calls, notices) == ([1], 1, ["LoRA networks are active (style)"])
+    assert (fallbacks, runtime.session_calls, notices) == ([1], 1, ["hypernetworks are active"])

@@ -13,17 +13,23 @@ import pytest
 
 from seg_tsam.export import webui_export
 from seg_tsam.export.profiles import PRESETS, EngineProfile
+from seg_tsam.export.refit import refit_map_beside
 from seg_tsam.export.registry import EngineEntry, EngineKey, EngineRegistry
+from seg_tsam.export.onnx_exports import OnnxExportInfo, write_export_info
 from seg_tsam.export.webui_export import (
     EngineNotFound,
+    ExportNotFound,
     ExportRequest,
     ExportRequestError,
     check_engine_id,
     checkpoint_facts,
     delete_engine,
+    delete_export,
     engine_rows,
     export_current_checkpoint,
+    export_rows,
     list_engines,
+    list_exports,
     onnx_file_name,
 )
 
@@ -84,7 +90,8 @@ def test_onnx_file_names_are_derived_and_plain():
     assert "/" not in onnx_file_name("a/b", "x:y", "fp16")
 
 
-@pytest.mark.parametrize("bad", ["../engines.json", "0123456789ABCDEF", "0123", None, 7, "0123456789abcdef/"])
+@pytest.mark.parametrize("bad", ["../engines.json", "0123456789ABCDEF", "0123", None, 7, "0123456789abcdef/",
+                                 "0123456789abcdef\n"])
 def test_engine_ids_are_checked(bad):
     with pytest.raises(ExportRequestError, match="not an engine id"):
         check_engine_id(bad)
@@ -145,6 +152,65 @@ def test_missing_engine_file_is_listed_as_missing(tmp_path):
     assert not engines[0]["file_present"] and engine_rows(engines)[0][-1].endswith("(missing)")
 
 
+# --- ONNX exports: list and delete -------------------------------------------------------------------
+
+
+def _write_export(models_dir, name: str, *, external: bool, refit_map: bool) -> list[str]:
+    """A real (tiny) ONNX file as the export leaves it: model, info, optionally external data and
+    refit map. Returns the file names written."""
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = webui_export.onnx_folder(models_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    data_name = f"{name}.0a1b2c3d.data"
+    onnx.save_model(helper.make_model(graph), str(folder / name), save_as_external_data=external,
+                    location=data_name, size_threshold=0)
+    write_export_info(folder / name, OnnxExportInfo(name, "abcdef0123", "tiny.safetensors", "sd1", "mid", "fp32"))
+    written = [name, name.replace(".onnx", ".json")] + ([data_name] if external else [])
+    if refit_map:
+        (folder / f"{name}.refit.json").write_text("{}")
+        written.append(f"{name}.refit.json")
+    assert sorted(p.name for p in folder.iterdir() if p.name in written) == sorted(written)
+    return written
+
+
+def test_exports_are_listed_and_deleted_with_all_their_files(tmp_path):
+    big = _write_export(tmp_path, "abcdef0123_mid_fp16.onnx", external=True, refit_map=True)
+    small = _write_export(tmp_path, "abcdef0123_mid_fp32.onnx", external=False, refit_map=False)
+    listed = list_exports(tmp_path)
+    assert [(e["onnx_file"], e["lora_ready"]) for e in listed] == [(big[0], True), (small[0], False)]
+    assert export_rows(listed)[1] == [small[0], "tiny.safetensors", "abcdef0123", "sd1", "mid", "fp32",
+                                      "export again"]
+    deleted = delete_export(tmp_path, big[0])
+    assert sorted(deleted["removed"]) == sorted(big) and deleted["onnx_file"] == big[0]
+    remaining = sorted(p.name for p in webui_export.onnx_folder(tmp_path).iterdir())
+    assert remaining == sorted(small)
+    assert [e["onnx_file"] for e in list_exports(tmp_path)] == [small[0]]
+
+
+@pytest.mark.parametrize("name", ["../abcdef0123_mid_fp32.onnx", "sub/x.onnx", "x.json", "", None, "x.onnx\n",
+                                  "/tmp/x.onnx", "x" * 200 + ".onnx"])
+def test_delete_export_refuses_malformed_names(tmp_path, name):
+    with pytest.raises(ExportRequestError, match="not an ONNX export name"):
+        delete_export(tmp_path, name)
+
+
+def test_delete_export_of_an_unlisted_file_is_not_found_and_touches_nothing(tmp_path):
+    folder = webui_export.onnx_folder(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "stray_mid_fp32.onnx").write_bytes(b"not listed: no info file")
+    for name in ("stray_mid_fp32.onnx", "abcdef0123_mid_fp32.onnx"):
+        with pytest.raises(ExportNotFound, match="no ONNX export named"):
+            delete_export(tmp_path, name)
+    assert (folder / "stray_mid_fp32.onnx").is_file()
+
+
 # --- the export on a tiny WebUI (ldm) UNet ----------------------------------------------------------
 
 
@@ -174,6 +240,8 @@ def test_export_current_checkpoint_ldm(tmp_path, monkeypatch):
         assert result.engine_not_built_reason.startswith("tensorrt is not installed")
         assert webui_export.NO_TENSORRT_HINT in result.engine_not_built_reason
         assert steps and hooked_modules(unet) == []
+        refit_map = refit_map_beside(tmp_path / result.onnx_file)  # for LoRA: every UNet weight found in the file
+        assert refit_map.problems(unet) == [] and not refit_map.unmapped
         assert result.to_dict()["static_check"]["ok"] and "No TensorRT engine" in result.to_markdown()
 
         skipped = export_current_checkpoint(

@@ -6,7 +6,8 @@ Imported only inside the WebUI. Handlers are thin: widgets or JSON become an
 onnx, onnxruntime and tensorrt are never imported while the UI is built: the tab only asks
 ``importlib.util.find_spec`` whether they are installed; TensorRT's real availability (a CUDA
 device it can use) is checked when an export runs and reported in its result. File paths never
-come from a request: the folders are the WebUI's models folder, the names are derived.
+come from a request: the folders are the WebUI's models folder, the names are derived, and
+deletes take an engine id or the name of a listed ONNX export (no folder).
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from ...export import webui_export
 from ...export.profiles import PRESETS
 from ...export.webui_export import (
     ENGINE_COLUMNS,
+    EXPORT_COLUMNS,
     NO_TENSORRT_HINT,
     EngineNotFound,
     ExportFailed,
+    ExportNotFound,
     ExportRequest,
     ExportRequestError,
 )
-
 from .common import package_installed
+from .lora_weights import checkpoint_weights
 
 logger = logging.getLogger("seg_tsam")
 
@@ -75,9 +78,11 @@ def run_export(request: ExportRequest, progress=_state_progress) -> webui_export
             # The trace must run the checkpoint's own UNet, not an active SD Unet replacement (which
             # the WebUI routes every UNet call to); the next generation applies the setting again.
             sd_unet.apply_unet("None")
-            result = webui_export.export_current_checkpoint(
-                shared.sd_model, request, models_dir=_models_dir(), attention_path=plain_attention, progress=progress
-            )
+            with checkpoint_weights():  # not the LoRA weights a previous generation left applied
+                result = webui_export.export_current_checkpoint(
+                    shared.sd_model, request, models_dir=_models_dir(), attention_path=plain_attention,
+                    progress=progress
+                )
             sd_unet.list_unets()  # the new export/engine shows up in Settings → SD Unet
             return result
         finally:
@@ -136,7 +141,21 @@ def _on_export(preset, layers, precision, build_engine, *custom):
     except Exception as error:  # the UI must answer with a message, not hang
         logger.exception("SEG export failed")
         message = f"**Export failed unexpectedly:** {type(error).__name__}: {error}"
-    return message, _engine_table()
+    return message, _engine_table(), _export_table()
+
+
+def _export_table() -> list[list[Any]]:
+    return webui_export.export_rows(webui_export.list_exports(_models_dir()))
+
+
+def _on_delete_export(onnx_file: str):
+    try:
+        deleted = webui_export.delete_export(_models_dir(), (onnx_file or "").strip())
+        sd_unet.list_unets()
+        message = f"Deleted the ONNX export `{deleted['onnx_file']}` ({', '.join(deleted['removed'])})."
+    except (ExportRequestError, ExportNotFound, ExportFailed) as error:
+        message = f"**Not deleted:** {error}"
+    return message, _export_table()
 
 
 def _on_delete(engine_id: str):
@@ -200,11 +219,18 @@ def on_ui_tabs():
         with gr.Row():
             engine_id = gr.Textbox(label="Engine id to delete", elem_id="seg_export_delete_id")
             delete = gr.Button("Delete engine", elem_id="seg_export_delete")
-            refresh = gr.Button("Refresh list", elem_id="seg_export_refresh")
+        exports = gr.Dataframe(headers=list(EXPORT_COLUMNS), value=_export_table, interactive=False,
+                               elem_id="seg_export_onnx_files")
+        with gr.Row():
+            onnx_file = gr.Textbox(label="ONNX file to delete", elem_id="seg_export_delete_onnx_name")
+            delete_onnx = gr.Button("Delete ONNX export", elem_id="seg_export_delete_onnx")
+            refresh = gr.Button("Refresh lists", elem_id="seg_export_refresh")
 
-        export.click(_on_export, inputs=[preset, layers, precision, build_engine, *custom], outputs=[status, engines])
+        export.click(_on_export, inputs=[preset, layers, precision, build_engine, *custom],
+                     outputs=[status, engines, exports])
         delete.click(_on_delete, inputs=[engine_id], outputs=[status, engines])
-        refresh.click(_engine_table, inputs=[], outputs=[engines])
+        delete_onnx.click(_on_delete_export, inputs=[onnx_file], outputs=[status, exports])
+        refresh.click(lambda: (_engine_table(), _export_table()), inputs=[], outputs=[engines, exports])
         install.click(_on_install, inputs=[], outputs=[status])
     return [(tab, "SEG Export", "seg_export")]
 
@@ -245,6 +271,23 @@ def _api_delete(engine_id: str) -> dict[str, Any]:
         raise HTTPException(status_code=500, detail=str(error)) from None
 
 
+def _api_exports() -> dict[str, Any]:
+    return {"exports": webui_export.list_exports(_models_dir())}
+
+
+def _api_delete_export(onnx_file: str) -> dict[str, Any]:
+    try:
+        deleted = webui_export.delete_export(_models_dir(), onnx_file)
+        sd_unet.list_unets()
+        return {"deleted": deleted}
+    except ExportRequestError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    except ExportNotFound as error:
+        raise HTTPException(status_code=404, detail=str(error)) from None
+    except ExportFailed as error:
+        raise HTTPException(status_code=500, detail=str(error)) from None
+
+
 def _api_status() -> dict[str, Any]:
     """What the export can do here, without importing the heavy packages."""
     return {"onnx_installed": package_installed("onnx"),
@@ -259,6 +302,8 @@ def on_app_started(_demo, app: FastAPI) -> None:
     app.add_api_route(f"{API_PREFIX}/export/status", _api_status, methods=["GET"])
     app.add_api_route(f"{API_PREFIX}/engines", _api_engines, methods=["GET"])
     app.add_api_route(f"{API_PREFIX}/engines/{{engine_id}}", _api_delete, methods=["DELETE"])
+    app.add_api_route(f"{API_PREFIX}/exports", _api_exports, methods=["GET"])
+    app.add_api_route(f"{API_PREFIX}/exports/{{onnx_file}}", _api_delete_export, methods=["DELETE"])
 
 
 def register_callbacks() -> None:

@@ -8,9 +8,10 @@
 
 Both run every row of a step (cond, uncond, SEG twins) in one call with the blur matrices of the
 current σ (:class:`~seg_tsam.export.unet_runtime.ReplacementUNet`); calls they cannot take run
-on the checkpoint's PyTorch UNet, with the reason in the console and the progress text. While
-LoRA networks or hypernetworks are active every call runs on PyTorch (refitting engines with
-LoRA weights is not wired yet).
+on the checkpoint's PyTorch UNet, with the reason in the console and the progress text. LoRA
+networks in the prompt are applied to the export (a TensorRT refit, a new ONNX Runtime session)
+once per change of networks or multipliers (:mod:`.lora_weights`); with hypernetworks every call
+runs on PyTorch.
 
 The WebUI moves the PyTorch UNet to the CPU while a replacement is active; the first fallback
 moves it back to the call's device (it stays there until the replacement is deactivated).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from ...export.registry import EngineEntry, EngineRegistry, RegistryError
 from ...export.unet_runtime import EngineCannotRun, ReplacementUNet, SessionChooser
 from ...export.webui_export import checkpoint_facts, engine_folder, onnx_folder
 from .common import REPLACEMENT_UNET_MARKER, package_installed
+from .lora_weights import current_weights
 from .seg_runtime import active_blur
 
 logger = logging.getLogger("seg_tsam")
@@ -66,18 +67,6 @@ def pytorch_forward(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Ten
     return original(unet, x, timesteps, context, *args, **kwargs)
 
 
-def networks_in_use() -> str | None:
-    """Why the checkpoint's weights differ from an export's now: LoRA-type networks (the built-in
-    Lora extension applies them to the PyTorch modules as they run) or hypernetworks."""
-    networks = sys.modules.get("networks")  # extensions-builtin/Lora
-    loaded = [getattr(network, "name", "?") for network in getattr(networks, "loaded_networks", None) or []]
-    if loaded:
-        return f"LoRA networks are active ({', '.join(loaded)}); the export holds the checkpoint's weights only"
-    if getattr(shared, "loaded_hypernetworks", None):
-        return "hypernetworks are active; the export holds the checkpoint's weights only"
-    return None
-
-
 # --- the replacement -----------------------------------------------------------------------------------
 
 
@@ -94,7 +83,7 @@ class SegReplacementUnet(sd_unet.SdUnet):
     def activate(self) -> None:
         self.runtime = ReplacementUNet(choose_session=self.make_chooser(), blur=lambda: active_blur(_pytorch_unet()),
                                        fallback=pytorch_forward, notice=self._notice,
-                                       weights_changed=networks_in_use)
+                                       weights=current_weights)
 
     def deactivate(self) -> None:
         self.runtime = None  # drops the sessions (engine memory) with it

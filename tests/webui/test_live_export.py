@@ -12,6 +12,8 @@ file is also run with ONNX Runtime from this venv.
 from __future__ import annotations
 
 import os
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,12 @@ def test_delete_with_a_bad_id_gets_422(engine_id):
 def test_delete_unknown_engine_gets_404():
     status, body = call("DELETE", "/seg-tsam/engines/" + "0" * 16)
     assert status == 404, body
+
+
+@pytest.mark.parametrize("name, status", [("x.json", 422), ("abc def.onnx", 422), ("nothing_mid_fp32.onnx", 404)])
+def test_delete_export_with_a_bad_or_unknown_name(name, status):
+    answer, body = call("DELETE", f"/seg-tsam/exports/{urllib.parse.quote(name)}")
+    assert answer == status, body
 
 
 def test_export_sd1_preset_then_generation_still_works(tiny_sd1):
@@ -115,9 +123,17 @@ def _needs_runtime():
         pytest.skip("the WebUI's Python lacks onnx or onnxruntime (setup_webui.sh installs them to export-packages)")
 
 
+@dataclass(frozen=True)
+class Export:
+    title: str  #: the checkpoint
+    request: dict  #: what was posted to /seg-tsam/export
+    body: dict  #: its answer
+    label: str  #: the export's "SD Unet" option
+
+
 @pytest.fixture(scope="module", params=list(EXPORTS), ids=str)
 def export(request):
-    """Load the tiny checkpoint, export its UNet (SEG "mid", fp32): (checkpoint title, export body, SD Unet label)."""
+    """Load the tiny checkpoint and export its UNet (SEG "mid", fp32)."""
     if not URL:
         pytest.skip("no live WebUI")
     _needs_runtime()
@@ -128,16 +144,16 @@ def export(request):
         pytest.skip(f"the {name} checkpoint is not installed in this WebUI")
     status, body = call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": model["title"], "sd_unet": "Automatic"})
     assert status == 200, body
-    status, body = call("POST", "/seg-tsam/export", {"preset": preset, "precision": "fp32", "seg_layers": "mid"})
+    payload = {"preset": preset, "precision": "fp32", "seg_layers": "mid"}
+    status, body = call("POST", "/seg-tsam/export", payload)
     assert status == 200, body
-    yield model["title"], body, f"[SEG ONNX] {model['filename'].rsplit('/', 1)[-1]} (mid, fp32)"
+    yield Export(model["title"], payload, body, f"[SEG ONNX] {model['filename'].rsplit('/', 1)[-1]} (mid, fp32)")
     call("POST", "/seg-tsam-probe/release-unet")
 
 
 def test_exported_file_matches_the_webui_unet(export):
     """ONNX Runtime on the export vs the WebUI's UNet with SEG's hooks: odd 9×7 latent, mixed rows, σ 2 and ∞."""
-    _, body, _ = export
-    status, result = call("POST", "/seg-tsam-probe/onnx-vs-unet", {"file": body["onnx_file"]})
+    status, result = call("POST", "/seg-tsam-probe/onnx-vs-unet", {"file": export.body["onnx_file"]})
     assert status == 200, result
     assert result["max_relative_error"] <= 1e-4, result
     assert result["layers"] and all(".attn1" in name or "attn1" in name for name in result["layers"]), result
@@ -149,7 +165,7 @@ def _with_unet(label, seg=SEG_MID, **fields):
 
 def test_seg_runs_on_the_export_as_sd_unet(export):
     """The export as SD Unet: every call (cond, uncond, SEG rows) on ONNX Runtime, same steps as PyTorch."""
-    _, _, label = export
+    label = export.label
     pytorch = _with_unet("None")
     replaced = _with_unet(label)
     state = call("GET", "/seg-tsam-probe/replacement")[1]
@@ -161,7 +177,7 @@ def test_seg_runs_on_the_export_as_sd_unet(export):
 
 
 def test_layers_the_export_lacks_fall_back_to_pytorch_with_a_notice(export):
-    _, _, label = export
+    label = export.label
     call("POST", "/seg-tsam-probe/release-unet")
     pytorch = _with_unet("None", seg=[True, 3.0, "2", "up"])
     replaced = _with_unet(label, seg=[True, 3.0, "2", "up"])
@@ -172,7 +188,7 @@ def test_layers_the_export_lacks_fall_back_to_pytorch_with_a_notice(export):
 
 
 def test_tsam_uses_pytorch_for_its_gradients_and_the_export_otherwise(export):
-    _, _, label = export
+    label = export.label
     call("POST", "/seg-tsam-probe/release-unet")
     body = generate({"override_settings": {"sd_unet": label},
                      "alwayson_scripts": {"T-SAM alignment": {"args": [{"strength": 5.0}]}}})
@@ -191,3 +207,61 @@ def test_seg_and_tsam_refuse_a_foreign_sd_unet(export, script, args):
     call("POST", "/seg-tsam-probe/release-unet")
     status, body = call("POST", "/sdapi/v1/txt2img", {**BASE, "override_settings": {"sd_unet": "[probe] passthrough"}})
     assert status == 200, body  # without SEG/T-SAM the foreign replacement is fine
+
+
+# --- LoRA on the export ---------------------------------------------------------------------------------
+
+
+def _lora_prompt() -> str:
+    """A prompt with a LoRA the probe writes for the loaded checkpoint (every transformer Linear, every resnet conv)."""
+    status, lora = call("POST", "/seg-tsam-probe/write-lora")
+    assert status == 200 and lora["modules"] > 0, lora
+    return f"{BASE['prompt']} <lora:{lora['name']}:0.8>"
+
+
+def test_lora_runs_on_the_export_with_its_weights(export):
+    """The export takes the LoRA-changed weights once and runs every call (0 fallbacks); each step
+    equals PyTorch with the LoRA; the next prompt without it equals PyTorch without it."""
+    prompt = _lora_prompt()
+    call("POST", "/seg-tsam-probe/release-unet")
+    pytorch_plain = _with_unet("None")
+    pytorch_lora = _with_unet("None", prompt=prompt)
+    assert relative_difference(pytorch_lora, pytorch_plain) > 1e-2  # the LoRA is applied and matters
+    replaced_lora = _with_unet(export.label, prompt=prompt)
+    state = call("GET", "/seg-tsam-probe/replacement")[1]
+    assert state["session_calls"] > 0 and state["fallback_calls"] == 0 and state["weight_loads"] == 1, state
+    assert relative_difference(replaced_lora, pytorch_lora) <= 1e-4
+    replaced_plain = _with_unet(export.label)
+    state = call("GET", "/seg-tsam-probe/replacement")[1]
+    assert state["fallback_calls"] == 0 and state["weight_loads"] == 2, state
+    assert relative_difference(replaced_plain, pytorch_plain) <= 1e-4
+
+
+def test_export_after_a_lora_generation_holds_the_checkpoint_weights(export):
+    """A LoRA generation leaves its weights applied in place; exporting right after must not bake them in."""
+    prompt = _lora_prompt()
+    call("POST", "/seg-tsam-probe/release-unet")
+    _with_unet("None", prompt=prompt)
+    status, body = call("POST", "/seg-tsam/export", export.request)
+    assert status == 200 and body["onnx_file"] == export.body["onnx_file"], body
+    pytorch_plain = _with_unet("None")
+    replaced_plain = _with_unet(export.label)
+    state = call("GET", "/seg-tsam-probe/replacement")[1]
+    assert state["fallback_calls"] == 0 and state["weight_loads"] == 0, state
+    assert relative_difference(replaced_plain, pytorch_plain) <= 1e-4
+
+
+def test_an_export_is_listed_and_deleted_with_its_files(export):
+    payload = {**export.request, "seg_layers": "up", "build_engine": False}
+    status, body = call("POST", "/seg-tsam/export", payload)
+    assert status == 200, body
+    name = body["onnx_file"].rsplit("/", 1)[-1]
+    listed = {e["onnx_file"]: e for e in call("GET", "/seg-tsam/exports")[1]["exports"]}
+    assert listed[name]["lora_ready"] and listed[name]["seg_layers"] == "up", listed
+    status, deleted = call("DELETE", f"/seg-tsam/exports/{name}")
+    assert status == 200, deleted
+    assert {name, name.replace(".onnx", ".json"), f"{name}.refit.json"} <= set(deleted["deleted"]["removed"])
+    assert name not in {e["onnx_file"] for e in call("GET", "/seg-tsam/exports")[1]["exports"]}
+    assert call("DELETE", f"/seg-tsam/exports/{name}")[0] == 404
+    if MODELS:
+        assert not list((Path(MODELS) / "Unet-seg-onnx").glob(name + "*"))

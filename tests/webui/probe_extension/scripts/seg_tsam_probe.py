@@ -12,12 +12,15 @@ Routes (added only when this folder is linked into the WebUI's ``extensions/`` b
 - ``POST /seg-tsam-probe/onnx-vs-unet`` ``{"file": "Unet-seg-onnx/…onnx"}``: runs the exported file
   with this extension's ONNX Runtime session and the WebUI's own UNet with SEG's hooks on the same
   inputs (odd latent, mixed blurred rows, σ 2 and ∞); returns the largest relative difference.
+- ``POST /seg-tsam-probe/write-lora``: writes a random LoRA/LoCon file (kohya key names, rank 4)
+  for the loaded checkpoint's UNet into the WebUI's Lora folder, returns its name for ``<lora:…>``.
 - An "SD Unet" option ``[probe] passthrough`` that runs the checkpoint's UNet: a replacement that
   is not this extension's, to test that SEG and T-SAM refuse it clearly.
 """
 
 import hashlib
 import math
+import os
 
 import torch
 from modules import devices, paths, script_callbacks, sd_hijack, sd_unet, shared
@@ -86,7 +89,7 @@ def _replacement():
     counts = {}
     if runtime is not None:
         counts = {"session_calls": runtime.session_calls, "fallback_calls": runtime.fallback_calls,
-                  "notices": sorted(runtime.notices)}
+                  "weight_loads": runtime.weight_loads, "notices": sorted(runtime.notices)}
     return {"label": current.option.label, **counts}
 
 
@@ -124,6 +127,33 @@ def _onnx_vs_unet(file):
     return {"max_relative_error": worst, "layers": sorted(session.layer_names)}
 
 
+def _write_lora(rank=4, strength=0.3):
+    """LoRA on every transformer-block Linear, LoCon on every resnet Conv2d of the UNet; each
+    update ``up @ down`` is about ``strength`` × its weight's standard deviation per element."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator("cpu").manual_seed(7)
+    tensors = {}
+    for name, module in _unet().named_modules():
+        linear = isinstance(module, torch.nn.Linear) and "transformer_blocks" in name
+        conv = isinstance(module, torch.nn.Conv2d) and ("in_layers" in name or "out_layers" in name)
+        if not (linear or conv):
+            continue
+        weight = module.weight.detach().float().cpu()
+        fan_in = weight[0].numel()
+        down = torch.randn(rank, *weight.shape[1:], generator=generator) / math.sqrt(fan_in)
+        up = torch.randn(weight.shape[0], rank, *([1, 1] if conv else []), generator=generator)
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = (up * strength * float(weight.std()) / math.sqrt(rank)).contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    lora_name = f"seg_tsam_probe_{shared.sd_model.sd_checkpoint_info.model_name}"
+    folder = shared.cmd_opts.lora_dir
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, lora_name + ".safetensors"))
+    return {"name": lora_name, "modules": len(tensors) // 3}
+
+
 class _Passthrough(sd_unet.SdUnet):
     def forward(self, x, timesteps, context, *args, **kwargs):
         original = sd_hijack.sgm_original_forward if shared.sd_model.is_sdxl else sd_hijack.ldm_original_forward
@@ -148,6 +178,10 @@ def _routes_replacement(demo, app):
     def release():
         sd_unet.apply_unet("None")
         return _replacement()
+
+    @app.post("/seg-tsam-probe/write-lora")
+    def write_lora():
+        return _write_lora()
 
     @app.post("/seg-tsam-probe/onnx-vs-unet")
     def onnx_vs_unet(body: dict):
