@@ -98,8 +98,8 @@ def _utc_now() -> str:
 def normalize_layers(layers: str) -> str:
     """The stored form of a SEG layer spec: lower case, no spaces.
 
-    Callers pass the *resolved* spec (e.g. ``"m0"`` rather than ``"mid"``) when two spellings of
-    the same layer set must match; this function does not know any model's layer counts.
+    It does not know any model's layer counts, so "mid" and "m0" stay different specs; lookups
+    compare the resolved layers (``EngineEntry.seg_layer_names``) where the entry has them.
     """
     return layers.replace(" ", "").lower()
 
@@ -160,10 +160,14 @@ class EngineEntry:
     preset: str | None = None
     refittable: bool = False
     created: str = field(default_factory=_utc_now)
+    #: Module paths of the self-attention layers the engine blurs: SEG layer specs spelt
+    #: differently ("mid", "m0") match by these. Empty for engines registered without them.
+    seg_layer_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_file_name(self.engine_file)
         object.__setattr__(self, "extra_files", tuple(check_file_name(name) for name in self.extra_files))
+        object.__setattr__(self, "seg_layer_names", tuple(sorted(self.seg_layer_names)))
 
     @property
     def id(self) -> str:
@@ -182,6 +186,7 @@ class EngineEntry:
             "profile": self.key.profile.to_dict(),
             "preset": self.preset,
             "seg_layers": self.key.seg_layers,
+            "seg_layer_names": list(self.seg_layer_names),
             "precision": self.key.precision,
             "trt_version": self.key.trt_version,
             "compute_capability": self.key.compute_capability,
@@ -212,6 +217,7 @@ class EngineEntry:
                 preset=_optional_string("preset", values.get("preset")),
                 refittable=bool(values.get("refittable", False)),
                 created=str(values.get("created", "")),
+                seg_layer_names=tuple(_string_list("seg_layer_names", values.get("seg_layer_names", []))),
             )
         except KeyError as missing:
             raise RegistryError(f"engine entry lacks field {missing.args[0]!r}") from None
@@ -221,7 +227,7 @@ class EngineEntry:
 
 def _string_list(name: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise RegistryError(f"{name}: expected a list of file names, got {value!r}")
+        raise RegistryError(f"{name}: expected a list of names, got {value!r}")
     return value
 
 
@@ -267,6 +273,23 @@ class EngineQuery:
     call: EngineCall
     seg_layers: str | None = None  #: None: SEG is off for this call, any exported layer set will do
     precision: str | None = None  #: None: any precision
+    #: The blurred layers' module paths, when known: compared with an entry's ``seg_layer_names``
+    #: (the spec strings are compared only for entries registered without names).
+    seg_layer_names: frozenset[str] | None = None
+
+
+def _layers_mismatch(entry: EngineEntry, query: EngineQuery) -> str | None:
+    """Why ``entry`` blurs other layers than ``query`` wants, or ``None`` (also when SEG is off)."""
+    if query.seg_layers is None:
+        return None
+    if entry.seg_layer_names and query.seg_layer_names is not None:
+        same = frozenset(entry.seg_layer_names) == query.seg_layer_names
+    else:
+        same = entry.key.seg_layers == normalize_layers(query.seg_layers)
+    if same:
+        return None
+    return (f"engine was exported with SEG layers {entry.key.seg_layers!r}, "
+            f"this generation uses {normalize_layers(query.seg_layers)!r}")
 
 
 @dataclass(frozen=True)
@@ -337,7 +360,6 @@ def find_engine(
             None, FallbackReason.NO_ENGINE_FOR_CHECKPOINT,
             f"no engine was exported for this checkpoint (hash {query.checkpoint_hash})",
         ),))
-    wanted_layers = normalize_layers(query.seg_layers) if query.seg_layers is not None else None
     rejections: list[Rejection] = []
     fitting: list[EngineEntry] = []
     for entry in candidates:
@@ -345,10 +367,8 @@ def find_engine(
         if not file_exists(entry):
             rejections.append(Rejection(entry.id, FallbackReason.ENGINE_FILE_MISSING,
                                         f"engine file {entry.engine_file} is missing; export it again"))
-        elif wanted_layers is not None and key.seg_layers != wanted_layers:
-            rejections.append(Rejection(entry.id, FallbackReason.SEG_LAYERS_MISMATCH,
-                                        f"engine was exported with SEG layers {key.seg_layers!r}, "
-                                        f"this generation uses {wanted_layers!r}"))
+        elif (layers_mismatch := _layers_mismatch(entry, query)) is not None:
+            rejections.append(Rejection(entry.id, FallbackReason.SEG_LAYERS_MISMATCH, layers_mismatch))
         elif key.trt_version != query.trt_version:
             rejections.append(Rejection(entry.id, FallbackReason.TRT_VERSION_MISMATCH,
                                         f"engine was built with TensorRT {key.trt_version}, this is "

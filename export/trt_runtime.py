@@ -107,22 +107,24 @@ class RegistryEngines:
         self.compute_capability = compute_capability
         self.load = load
         self._entries = registry.entries()
-        self._loaded: tuple[str, str, Any] | None = None  #: (engine id, its SEG layers, session)
+        self._loaded: tuple[str, EngineEntry, Any] | None = None  #: (engine id, its entry, session)
 
     def __call__(self, call: EngineCall, blur: ActiveBlur | None, extra_names: Sequence[str]) -> Any:
-        layers = blur.layer_spec if blur is not None else None
-        if layers is None and self._loaded is not None:  # no blur: any layer set does, keep the loaded one
-            kept = self._lookup(self._query(call, self._loaded[1]))
+        if blur is None and self._loaded is not None:  # no blur: any layer set does, keep the loaded one
+            entry = self._loaded[1]
+            kept = self._lookup(self._query(call, entry.key.seg_layers, frozenset(entry.seg_layer_names) or None))
             if kept.entry is not None:
                 return self._checked(kept.entry, extra_names)
-        result = self._lookup(self._query(call, layers))
+        result = self._lookup(self._query(call, blur.layer_spec, blur.layer_names) if blur is not None
+                              else self._query(call, None, None))
         if result.entry is None:
             raise EngineCannotRun(result.message)
         return self._checked(result.entry, extra_names)
 
-    def _query(self, call: EngineCall, layers: str | None) -> EngineQuery:
+    def _query(self, call: EngineCall, layers: str | None, layer_names: frozenset[str] | None) -> EngineQuery:
         return EngineQuery(checkpoint_hash=self.checkpoint_hash(), trt_version=self.trt_version,
-                           compute_capability=self.compute_capability, call=call, seg_layers=layers)
+                           compute_capability=self.compute_capability, call=call, seg_layers=layers,
+                           seg_layer_names=layer_names)
 
     def _lookup(self, query: EngineQuery) -> LookupResult:
         """:func:`find_engine` over the entries read at construction."""
@@ -136,7 +138,7 @@ class RegistryEngines:
     def _session(self, entry: EngineEntry) -> Any:
         if self._loaded is None or self._loaded[0] != entry.id:
             self._loaded = None  # free the previous engine before loading the next
-            self._loaded = (entry.id, entry.key.seg_layers, self.load(self.registry.engine_path(entry)))
+            self._loaded = (entry.id, entry, self.load(self.registry.engine_path(entry)))
             logger.info("SEG: loaded TensorRT engine %s (%s)", entry.engine_file, entry.key.profile.describe())
         return self._loaded[2]
 

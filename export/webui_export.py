@@ -318,6 +318,7 @@ def export_current_checkpoint(
     if not ok:
         return ExportResult(**result, engine_built=False, engine_not_built_reason=f"{reason}. {NO_TENSORRT_HINT}")
     entry = _build_and_register(path, request, facts, models_dir, refit_map=refit_map,
+                                layer_names=tuple(site.layer.name for site in wrapper.sites),
                                 in_channels=getattr(unet, "in_channels", None), progress=report)
     report(1.0, "done")
     return ExportResult(**result, engine_built=True, engine_id=entry.id,
@@ -325,7 +326,8 @@ def export_current_checkpoint(
 
 
 def _build_and_register(onnx_path: Path, request: ExportRequest, facts: CheckpointFacts, models_dir: Path | str,
-                        *, refit_map: RefitMap, in_channels: int | None, progress: Progress):
+                        *, refit_map: RefitMap, layer_names: tuple[str, ...], in_channels: int | None,
+                        progress: Progress):
     """Build the engine for ``onnx_path`` into the engine folder and add it to the registry.
 
     The engine is built refittable, with the export's refit map (ONNX weight → UNet parameter;
@@ -359,7 +361,7 @@ def _build_and_register(onnx_path: Path, request: ExportRequest, facts: Checkpoi
         raise ExportFailed(f"TensorRT engine build failed: {error}") from error
     refit_file = refit_map.save(sidecar_path(folder / engine_name))
     entry = EngineEntry(key=key, engine_file=engine_name, extra_files=(refit_file.name,), checkpoint_name=facts.name,
-                        family=facts.family, preset=request.preset, refittable=True)
+                        family=facts.family, preset=request.preset, refittable=True, seg_layer_names=layer_names)
     registry.add(entry)
     return entry
 

@@ -3,6 +3,7 @@ lookup with fallback reasons, and deletion that never leaves the engine folder."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -44,9 +45,10 @@ def make_entry(registry: EngineRegistry, checkpoint: str = "ck1", *, profile: En
 
 
 def query(checkpoint: str = "ck1", *, call: EngineCall | None = None, trt: str = TRT, cc: str = CC,
-          layers: str | None = "m0", precision: str | None = None) -> EngineQuery:
+          layers: str | None = "m0", precision: str | None = None, names: tuple[str, ...] | None = None) -> EngineQuery:
     call = call or EngineCall.for_images(images=1, height=512, width=512)
-    return EngineQuery(checkpoint, trt, cc, call, seg_layers=layers, precision=precision)
+    return EngineQuery(checkpoint, trt, cc, call, seg_layers=layers, precision=precision,
+                       seg_layer_names=frozenset(names) if names is not None else None)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -315,6 +317,29 @@ def test_lookup_fallback_reasons(tmp_path, changes, reason, words):
     result = registry.find(query(**changes))
     assert not result.found and result.reason is reason
     assert words in result.message and result.message.startswith("TensorRT engine not used")
+
+
+MID_NAMES = ("mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0.transformer_blocks.1.attn1")
+
+
+def test_layer_names_round_trip_and_match_whatever_the_spec_spelling(tmp_path):
+    registry = EngineRegistry(tmp_path)
+    named = dataclasses.replace(make_entry(registry, layers="mid"), seg_layer_names=MID_NAMES[::-1])
+    registry.add(named)
+    assert EngineRegistry(tmp_path).entries() == (named,) and named.seg_layer_names == MID_NAMES
+    # "m0" and "mid" name the same layers: the names decide, not the spec strings
+    assert registry.find(query(layers="m0", names=MID_NAMES)).found
+    other = registry.find(query(layers="mid", names=MID_NAMES[:1]))
+    assert other.reason is FallbackReason.SEG_LAYERS_MISMATCH and "SEG layers 'mid'" in other.message
+    assert registry.find(query(layers=None)).found  # SEG off: any layer set
+
+
+def test_entries_without_layer_names_match_by_spec(tmp_path):
+    registry = EngineRegistry(tmp_path)
+    registry.add(make_entry(registry, layers="mid"))  # registered before names were recorded
+    assert registry.find(query(layers="MID", names=MID_NAMES)).found
+    assert registry.find(query(layers="m0", names=MID_NAMES)).reason is \
+        FallbackReason.SEG_LAYERS_MISMATCH
 
 
 def test_lookup_reports_the_engine_that_came_closest(tmp_path):

@@ -100,6 +100,11 @@ def replacement(exported, patch, *, checkpoint=CHECKPOINT, fallback=None):
     return runtime, notices, fallbacks
 
 
+def same_checkpoint(path) -> OnnxExportSessions:
+    """The chooser for an export of the loaded checkpoint."""
+    return OnnxExportSessions(path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max())
 
@@ -225,11 +230,12 @@ class LoadedEngine:
         self.levels = (2,)
 
 
-def register(registry: EngineRegistry, *, layers: str, height, checkpoint=CHECKPOINT, trt="10.9.0", cc="8.9"):
+def register(registry: EngineRegistry, *, layers: str, height, checkpoint=CHECKPOINT, trt="10.9.0", cc="8.9",
+             names: tuple[str, ...] = ()):
     profile = EngineProfile(images=(1, 1, 2), height=height, width=(512, 512, 768))
     key = EngineKey(checkpoint_hash=checkpoint, profile=profile, seg_layers=layers, trt_version=trt,
                     compute_capability=cc)
-    entry = EngineEntry(key=key, engine_file=registry.engine_file_name(key, "tiny"))
+    entry = EngineEntry(key=key, engine_file=registry.engine_file_name(key, "tiny"), seg_layer_names=names)
     registry.engine_path(entry).write_bytes(b"engine")
     registry.add(entry)
     return entry
@@ -252,8 +258,9 @@ def engines(tmp_path):
     return chooser, loads, small, large, other_layers
 
 
-def blur(spec: str):
-    return type("Blur", (), {"layer_spec": spec})()
+def blur(spec: str, names: frozenset[str] | None = None):
+    """What the chooser reads of an ActiveBlur; ``names`` default to one per spec, as resolving would give."""
+    return type("Blur", (), {"layer_spec": spec, "layer_names": names or frozenset({f"layers of {spec}"})})()
 
 
 def test_engine_choice_follows_size_and_seg_layers(engines):
@@ -270,6 +277,16 @@ def test_unblurred_calls_keep_the_loaded_engine(engines):
     for _ in range(2):
         assert chooser(EngineCall(2, 64, 64, 77), None, ()).path.name == other_layers.engine_file
     assert loads == [other_layers.engine_file]
+
+
+def test_engines_registered_with_layer_names_match_any_spelling(tmp_path):
+    registry = EngineRegistry(tmp_path)
+    entry = register(registry, layers="mid", height=(512, 512, 768), names=("mid.attn1",))
+    chooser = RegistryEngines(registry, checkpoint_hash=lambda: CHECKPOINT, trt_version="10.9.0",
+                              compute_capability="8.9", load=LoadedEngine)
+    assert chooser(EngineCall(3, 64, 64, 77), blur("m0", frozenset({"mid.attn1"})), ()).path.name == entry.engine_file
+    with pytest.raises(EngineCannotRun, match="SEG layers 'mid'"):
+        chooser(EngineCall(3, 64, 64, 77), blur("mid", frozenset({"up.attn1"})), ())
 
 
 def test_no_fitting_engine_says_why(engines):
@@ -326,7 +343,7 @@ def test_lora_weights_are_loaded_into_the_session_once_per_change(exported):
     call = exported.call((9, 7), batch, 77, seed=4)
     notices = []
     with torch.no_grad(), exported.patch() as patch, patch.blurring(rows, batch, sigma):
-        chooser = OnnxExportSessions(exported.path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
+        chooser = same_checkpoint(exported.path)
         runtime = ReplacementUNet(choose_session=chooser, blur=patch.active_blur, notice=notices.append,
                                   fallback=lambda *a, **k: pytest.fail("no call may fall back"), weights=weights)
         plain = runtime.forward(call[0], call[1], call[2], **call[3])
@@ -356,7 +373,7 @@ def test_weights_a_session_cannot_take_run_on_pytorch_and_are_not_retried(sd1, t
         weights.key = "lora"
         notices, fallbacks = [], []
         x, timesteps, context, _ = sd1.call((8, 8), 2, 77)
-        chooser = OnnxExportSessions(path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
+        chooser = same_checkpoint(path)
         runtime = ReplacementUNet(choose_session=chooser, blur=lambda: None, notice=notices.append, weights=weights,
                                   fallback=lambda *a, **k: fallbacks.append(1) or changed(*a, return_dict=False)[0])
         with torch.no_grad():
@@ -380,7 +397,7 @@ def test_weights_no_export_can_hold_run_on_pytorch(sd1):
 
     with torch.no_grad(), sd1.patch() as patch:
         notices, fallbacks = [], []
-        chooser = OnnxExportSessions(sd1.path, checkpoint_hash=CHECKPOINT, current_checkpoint_hash=lambda: CHECKPOINT)
+        chooser = same_checkpoint(sd1.path)
         runtime = ReplacementUNet(choose_session=chooser, blur=patch.active_blur, notice=notices.append,
                                   fallback=lambda *a, **k: fallbacks.append(1) or sd1.pytorch(*a, **k),
                                   weights=weights)

@@ -238,37 +238,36 @@ def on_ui_tabs():
 # --- API routes ---------------------------------------------------------------------------------------
 
 
-def _api_export(body: Any = Body(...)) -> dict[str, Any]:
+@contextlib.contextmanager
+def _http_errors(failure_prefix: str = "") -> Iterator[None]:
+    """The export's exceptions as HTTP answers: 422 bad request, 404 unknown engine or export, 500 failure."""
     try:
-        request = ExportRequest.from_json(body)
+        yield
     except ExportRequestError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
-    try:
-        return {"request": request.to_dict(), **run_export(request).to_dict()}
-    except ExportRequestError as error:
-        raise HTTPException(status_code=422, detail=str(error)) from None
+    except (EngineNotFound, ExportNotFound) as error:
+        raise HTTPException(status_code=404, detail=str(error)) from None
     except ExportFailed as error:
-        raise HTTPException(status_code=500, detail=f"export failed: {error}") from None
+        raise HTTPException(status_code=500, detail=f"{failure_prefix}{error}") from None
+
+
+def _api_export(body: Any = Body(...)) -> dict[str, Any]:
+    with _http_errors():
+        request = ExportRequest.from_json(body)
+    with _http_errors("export failed: "):
+        return {"request": request.to_dict(), **run_export(request).to_dict()}
 
 
 def _api_engines() -> dict[str, Any]:
-    try:
+    with _http_errors():
         return {"engines": webui_export.list_engines(_models_dir())}
-    except ExportFailed as error:
-        raise HTTPException(status_code=500, detail=str(error)) from None
 
 
 def _api_delete(engine_id: str) -> dict[str, Any]:
-    try:
+    with _http_errors():
         deleted = webui_export.delete_engine(_models_dir(), engine_id)
-        sd_unet.list_unets()
-        return {"deleted": deleted}
-    except ExportRequestError as error:
-        raise HTTPException(status_code=422, detail=str(error)) from None
-    except EngineNotFound as error:
-        raise HTTPException(status_code=404, detail=str(error)) from None
-    except ExportFailed as error:
-        raise HTTPException(status_code=500, detail=str(error)) from None
+    sd_unet.list_unets()
+    return {"deleted": deleted}
 
 
 def _api_exports() -> dict[str, Any]:
@@ -276,16 +275,10 @@ def _api_exports() -> dict[str, Any]:
 
 
 def _api_delete_export(onnx_file: str) -> dict[str, Any]:
-    try:
+    with _http_errors():
         deleted = webui_export.delete_export(_models_dir(), onnx_file)
-        sd_unet.list_unets()
-        return {"deleted": deleted}
-    except ExportRequestError as error:
-        raise HTTPException(status_code=422, detail=str(error)) from None
-    except ExportNotFound as error:
-        raise HTTPException(status_code=404, detail=str(error)) from None
-    except ExportFailed as error:
-        raise HTTPException(status_code=500, detail=str(error)) from None
+    sd_unet.list_unets()
+    return {"deleted": deleted}
 
 
 def _api_status() -> dict[str, Any]:
