@@ -1,8 +1,8 @@
 """Registered SEG TensorRT engines as sessions for :class:`~.unet_runtime.ReplacementUNet`.
 
 UNVERIFIED: written against TensorRT 10's name-based tensor API (``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``) and ``Refitter``; no GPU or TensorRT was available where it was
-written, so :class:`TensorRTSession` has never run. The engine *choice*
+``set_tensor_address``, ``execute_async_v3``) and its ``Refitter``; no GPU or TensorRT was
+available where it was written, so :class:`TensorRTSession` has never run. The engine *choice*
 (:class:`RegistryEngines`) is plain Python over the registry and is tested on CPU.
 
 For each call, :class:`RegistryEngines` asks the registry (:func:`~.registry.find_engine`) for
@@ -107,11 +107,11 @@ class RegistryEngines:
         self.compute_capability = compute_capability
         self.load = load
         self._entries = registry.entries()
-        self._loaded: tuple[str, EngineEntry, Any] | None = None  #: (engine id, its entry, session)
+        self._loaded: tuple[EngineEntry, Any] | None = None  #: (the loaded engine's entry, its session)
 
     def __call__(self, call: EngineCall, blur: ActiveBlur | None, extra_names: Sequence[str]) -> Any:
         if blur is None and self._loaded is not None:  # no blur: any layer set does, keep the loaded one
-            entry = self._loaded[1]
+            entry = self._loaded[0]
             kept = self._lookup(self._query(call, entry.key.seg_layers, frozenset(entry.seg_layer_names) or None))
             if kept.entry is not None:
                 return self._checked(kept.entry, extra_names)
@@ -136,11 +136,11 @@ class RegistryEngines:
         return session
 
     def _session(self, entry: EngineEntry) -> Any:
-        if self._loaded is None or self._loaded[0] != entry.id:
+        if self._loaded is None or self._loaded[0].id != entry.id:
             self._loaded = None  # free the previous engine before loading the next
-            self._loaded = (entry.id, entry, self.load(self.registry.engine_path(entry)))
+            self._loaded = (entry, self.load(self.registry.engine_path(entry)))
             logger.info("SEG: loaded TensorRT engine %s (%s)", entry.engine_file, entry.key.profile.describe())
-        return self._loaded[2]
+        return self._loaded[1]
 
     def release(self) -> None:
         self._loaded = None
