@@ -163,9 +163,14 @@ class EngineEntry:
     #: Module paths of the self-attention layers the engine blurs: SEG layer specs spelt
     #: differently ("mid", "m0") match by these. Empty for engines registered without them.
     seg_layer_names: tuple[str, ...] = ()
+    #: The ONNX export (file name in the exports folder) the engine was built from: a refit may
+    #: need its graph constants. Not one of :attr:`files`: deleting the engine keeps the export.
+    onnx_file: str | None = None
 
     def __post_init__(self) -> None:
         check_file_name(self.engine_file)
+        if self.onnx_file is not None:
+            check_file_name(self.onnx_file)
         object.__setattr__(self, "extra_files", tuple(check_file_name(name) for name in self.extra_files))
         object.__setattr__(self, "seg_layer_names", tuple(sorted(self.seg_layer_names)))
 
@@ -193,6 +198,7 @@ class EngineEntry:
             "refittable": self.refittable,
             "engine_file": self.engine_file,
             "extra_files": list(self.extra_files),
+            "onnx_file": self.onnx_file,
             "created": self.created,
         }
 
@@ -218,6 +224,7 @@ class EngineEntry:
                 refittable=bool(values.get("refittable", False)),
                 created=str(values.get("created", "")),
                 seg_layer_names=tuple(_string_list("seg_layer_names", values.get("seg_layer_names", []))),
+                onnx_file=_optional_string("onnx_file", values.get("onnx_file")),
             )
         except KeyError as missing:
             raise RegistryError(f"engine entry lacks field {missing.args[0]!r}") from None

@@ -44,13 +44,15 @@ class TensorRTSession:
     """A deserialised engine and one execution context; ``run`` takes named CUDA tensors.
 
     LoRA (:meth:`load_weights`): the engine (built refittable) is refitted in place with the
-    PyTorch UNet's current weights through the refit map saved beside it.
+    PyTorch UNet's current weights through the refit map saved beside it; ``onnx_path``, the
+    export it was built from, supplies graph constants TensorRT may ask for with them.
     """
 
-    def __init__(self, engine_path: Path | str):
+    def __init__(self, engine_path: Path | str, onnx_path: Path | str | None = None):
         import tensorrt as trt
 
         self.engine_path = Path(engine_path)
+        self.onnx_path = Path(onnx_path) if onnx_path is not None else None  #: the export it was built from
         self.weights_key: Hashable = CHECKPOINT_WEIGHTS
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
@@ -83,10 +85,13 @@ class TensorRTSession:
         """Refit the engine with ``weights`` (for the checkpoint's own too: they are the UNet's
         restored weights). A failed refit leaves the engine's weights unknown until the next one."""
         self.weights_key = _UNKNOWN_WEIGHTS
+        onnx_path = self.onnx_path if self.onnx_path is not None and self.onnx_path.is_file() else None
         try:
-            refit_engine(self.engine, refit_map_beside(self.engine_path), weights.applied())
+            refit_engine(self.engine, refit_map_beside(self.engine_path), weights.applied(), onnx_path=onnx_path)
         except RefitError as error:
-            raise EngineCannotRun(f"the engine {self.engine_path.name} cannot take these weights: {error}") from None
+            gone = f" (its ONNX export {self.onnx_path.name} is gone)" if self.onnx_path and not onnx_path else ""
+            raise EngineCannotRun(f"the engine {self.engine_path.name} cannot take these weights{gone}: {error}"
+                                  ) from None
         self.weights_key = weights.key
 
 
@@ -94,14 +99,17 @@ class RegistryEngines:
     """Choose and load the registered engine for each call (a ``SessionChooser``).
 
     ``checkpoint_hash`` is read per call (the user may switch checkpoints while the option stays
-    selected); ``trt_version`` and ``compute_capability`` describe this machine; ``load`` makes a
-    session from an engine file (default :class:`TensorRTSession`), injectable so the choice is
+    selected); ``trt_version`` and ``compute_capability`` describe this machine; ``onnx_folder``
+    holds the exports the engines were built from; ``load`` makes a session from an engine file
+    and its export's path (default :class:`TensorRTSession`), injectable so the choice is
     testable without a GPU.
     """
 
     def __init__(self, registry: EngineRegistry, *, checkpoint_hash: Callable[[], str], trt_version: str,
-                 compute_capability: str, load: Callable[[Path], Any] = TensorRTSession):
+                 compute_capability: str, onnx_folder: Path | None = None,
+                 load: Callable[[Path, Path | None], Any] = TensorRTSession):
         self.registry = registry
+        self.onnx_folder = onnx_folder
         self.checkpoint_hash = checkpoint_hash
         self.trt_version = trt_version
         self.compute_capability = compute_capability
@@ -138,7 +146,8 @@ class RegistryEngines:
     def _session(self, entry: EngineEntry) -> Any:
         if self._loaded is None or self._loaded[0].id != entry.id:
             self._loaded = None  # free the previous engine before loading the next
-            self._loaded = (entry, self.load(self.registry.engine_path(entry)))
+            onnx_path = self.onnx_folder / entry.onnx_file if self.onnx_folder and entry.onnx_file else None
+            self._loaded = (entry, self.load(self.registry.engine_path(entry), onnx_path))
             logger.info("SEG: loaded TensorRT engine %s (%s)", entry.engine_file, entry.key.profile.describe())
         return self._loaded[1]
 

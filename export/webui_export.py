@@ -361,7 +361,8 @@ def _build_and_register(onnx_path: Path, request: ExportRequest, facts: Checkpoi
         raise ExportFailed(f"TensorRT engine build failed: {error}") from error
     refit_file = refit_map.save(sidecar_path(folder / engine_name))
     entry = EngineEntry(key=key, engine_file=engine_name, extra_files=(refit_file.name,), checkpoint_name=facts.name,
-                        family=facts.family, preset=request.preset, refittable=True, seg_layer_names=layer_names)
+                        family=facts.family, preset=request.preset, refittable=True, seg_layer_names=layer_names,
+                        onnx_file=onnx_path.name)
     registry.add(entry)
     return entry
 

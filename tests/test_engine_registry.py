@@ -67,11 +67,13 @@ def test_construction_touches_nothing(tmp_path):
 
 def test_add_round_trips_through_versioned_json(tmp_path):
     registry = EngineRegistry(tmp_path)
-    entry = make_entry(registry, extra=("weights_map.json",))
+    entry = dataclasses.replace(make_entry(registry, extra=("weights_map.json",)), onnx_file="model ck1.onnx")
     assert registry.add(entry) is None
     payload = json.loads(registry.path.read_text())
     assert payload["schema"] == SCHEMA_NAME and payload["version"] == 1
     assert payload["engines"][0]["engine_file"] == entry.engine_file and payload["engines"][0]["id"] == entry.id
+    assert payload["engines"][0]["onnx_file"] == "model ck1.onnx"
+    assert "model ck1.onnx" not in entry.files  # the export is not the engine's to delete
     assert EngineRegistry(tmp_path).entries() == (entry,)
     assert registry.get(entry.id) == entry and registry.engine_path(entry) == tmp_path / entry.engine_file
 
@@ -94,6 +96,8 @@ def test_add_refuses_missing_files_and_path_like_names(tmp_path):
     for bad in ("../escape.plan", "sub/dir.plan", "/abs.plan", "..", "C:evil.plan", REGISTRY_FILE_NAME):
         with pytest.raises(RegistryError):
             EngineEntry(key, bad)
+        with pytest.raises(RegistryError):
+            EngineEntry(key, "fine.plan", onnx_file=bad)
 
 
 def test_key_validation_names_the_field():

@@ -224,18 +224,20 @@ def test_export_info_listing(tmp_path):
 
 
 class LoadedEngine:
-    def __init__(self, path):
+    def __init__(self, path, onnx_path=None):
         self.path = path
+        self.onnx_path = onnx_path
         self.input_names = ("sample", "timestep", "encoder_hidden_states", "blur_h_2", "blur_w_2")
         self.levels = (2,)
 
 
 def register(registry: EngineRegistry, *, layers: str, height, checkpoint=CHECKPOINT, trt="10.9.0", cc="8.9",
-             names: tuple[str, ...] = ()):
+             names: tuple[str, ...] = (), onnx_file: str | None = None):
     profile = EngineProfile(images=(1, 1, 2), height=height, width=(512, 512, 768))
     key = EngineKey(checkpoint_hash=checkpoint, profile=profile, seg_layers=layers, trt_version=trt,
                     compute_capability=cc)
-    entry = EngineEntry(key=key, engine_file=registry.engine_file_name(key, "tiny"), seg_layer_names=names)
+    entry = EngineEntry(key=key, engine_file=registry.engine_file_name(key, "tiny"), seg_layer_names=names,
+                        onnx_file=onnx_file)
     registry.engine_path(entry).write_bytes(b"engine")
     registry.add(entry)
     return entry
@@ -249,9 +251,9 @@ def engines(tmp_path):
     other_layers = register(registry, layers="d2,m0", height=(512, 512, 768))
     loads: list[str] = []
 
-    def load(path):
+    def load(path, onnx_path):
         loads.append(path.name)
-        return LoadedEngine(path)
+        return LoadedEngine(path, onnx_path)
 
     chooser = RegistryEngines(registry, checkpoint_hash=lambda: CHECKPOINT, trt_version="10.9.0",
                               compute_capability="8.9", load=load)
@@ -287,6 +289,20 @@ def test_engines_registered_with_layer_names_match_any_spelling(tmp_path):
     assert chooser(EngineCall(3, 64, 64, 77), blur("m0", frozenset({"mid.attn1"})), ()).path.name == entry.engine_file
     with pytest.raises(EngineCannotRun, match="SEG layers 'mid'"):
         chooser(EngineCall(3, 64, 64, 77), blur("mid", frozenset({"up.attn1"})), ())
+
+
+def test_sessions_get_the_export_their_engine_was_built_from(tmp_path):
+    """The refit may need the export's graph constants: the session is told where the export is."""
+    (tmp_path / "engines").mkdir()
+    registry = EngineRegistry(tmp_path / "engines")
+    built = register(registry, layers="mid", height=(512, 512, 768), onnx_file="tiny-seg.onnx")
+    older = register(registry, layers="mid", height=(768, 1024, 1024))  # registered before exports were recorded
+    chooser = RegistryEngines(registry, checkpoint_hash=lambda: CHECKPOINT, trt_version="10.9.0",
+                              compute_capability="8.9", onnx_folder=tmp_path / "exports", load=LoadedEngine)
+    session = chooser(EngineCall(3, 64, 64, 77), blur("mid"), ())
+    assert (session.path.name, session.onnx_path) == (built.engine_file, tmp_path / "exports" / "tiny-seg.onnx")
+    session = chooser(EngineCall(3, 128, 64, 77), blur("mid"), ())
+    assert (session.path.name, session.onnx_path) == (older.engine_file, None)
 
 
 def test_no_fitting_engine_says_why(engines):

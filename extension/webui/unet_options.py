@@ -138,7 +138,8 @@ def _trt_option(checkpoint_name: str, hashes: frozenset[str], registry: EngineRe
         if not torch.cuda.is_available():
             raise EngineCannotRun("TensorRT engines need a CUDA GPU")
         engines = RegistryEngines(registry, checkpoint_hash=loaded_checkpoint_hash, trt_version=tensorrt.__version__,
-                                  compute_capability=current_compute_capability())
+                                  compute_capability=current_compute_capability(),
+                                  onnx_folder=onnx_folder(paths.models_path))
 
         def choose(call, blur, extra_names):
             loaded = loaded_checkpoint_hash()
