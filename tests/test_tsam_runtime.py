@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg_tsam.extension.adapters import ldm_tsam, tiny_models
-from seg_tsam.extension.core import tsam
+from seg_tsam.extension.core import tsam, tsam_descent
 from seg_tsam.extension.core.tsam import TsamSettings
 from seg_tsam.extension.webui import tsam_runtime
 from seg_tsam.extension.webui.tsam_runtime import TsamGeneration
@@ -204,9 +204,9 @@ def test_gradient_step_is_taken_on_c_in_x_and_mapped_back(monkeypatch, wrapper_c
     def fake_descend(capture, run_unet, z, targets, mode, *, step_size, iterations, should_stop, where):
         seen["z"], seen["step_size"], seen["iterations"] = z.clone(), step_size, iterations
         changed = torch.tensor([True, False])
-        return ldm_tsam.Descent(z - 0.25, changed, z.new_zeros((0, 2)), None)
+        return tsam_descent.Descent(z - 0.25, changed, z.new_zeros((0, 2)), None)
 
-    monkeypatch.setattr(ldm_tsam, "descend", fake_descend)
+    monkeypatch.setattr(tsam_descent, "descend", fake_descend)
     monkeypatch.setattr(ldm_tsam, "alignment_session", lambda *args, **kwargs: _null_context())
     generation = TsamGeneration(TsamSettings(enabled=True), reconstruct_cond=lambda cond, step: (
         [[(0, 1.0)], [(1, 1.0)]], torch.zeros(2, 77, 8)))
@@ -395,6 +395,24 @@ def test_capture_keeps_the_output_records_the_softmax_and_restores():
     assert [type(m).forward for m in coarse] == [CrossAttention.forward] * 3
 
 
+def test_capture_gives_back_a_forward_another_extension_set_on_the_instance():
+    unet = ldm_like_unet()
+    x, context = torch.randn(1, 8, 4, 4, dtype=torch.float64), torch.randn(1, 10, 6, dtype=torch.float64)
+    capture = ldm_tsam.LdmCrossAttentionCapture(unet)
+    theirs, calls = capture.layers[0].module, []
+
+    def their_forward(*args, **kwargs):
+        calls.append(1)
+        return CrossAttention.forward(theirs, *args, **kwargs)
+
+    theirs.forward = their_forward
+    with capture, torch.no_grad():
+        capture.probabilities(lambda: unet(x, context), (2, 2))
+    assert not calls  # the capture's forward ran instead
+    assert theirs.__dict__["forward"] is their_forward
+    assert all("forward" not in layer.module.__dict__ for layer in capture.layers[1:])
+
+
 def test_capture_stops_after_the_last_coarse_layer_and_checks_the_grid():
     unet = ldm_like_unet()
     x, context = torch.randn(1, 8, 4, 4, dtype=torch.float64), torch.randn(1, 10, 6, dtype=torch.float64)
@@ -422,12 +440,12 @@ def test_gradient_matches_finite_differences(loss):
     run_unet = lambda model_input: unet(model_input, context)  # noqa: E731
     targets = _targets()
     with ldm_tsam.alignment_session(unet) as capture:
-        _, gradient = ldm_tsam.alignment_gradient(capture, run_unet, z, targets, loss)
+        _, gradient = tsam_descent.alignment_gradient(capture, run_unet, z, targets, loss)
         direction = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         epsilon = 1e-6
 
         def total(model_input):
-            return float(ldm_tsam.alignment_losses(capture, run_unet, model_input, targets, loss).losses.sum())
+            return float(tsam_descent.alignment_losses(capture, run_unet, model_input, targets, loss).losses.sum())
 
         numeric = (total(z + epsilon * direction) - total(z - epsilon * direction)) / (2 * epsilon)
     analytic = float((gradient * direction).sum())
@@ -440,13 +458,13 @@ def test_descent_decreases_the_loss_and_skips_non_finite_images(caplog):
     z = torch.randn(2, 8, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     context = torch.randn(2, 10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with ldm_tsam.alignment_session(unet) as capture:
-        descent = ldm_tsam.descend(capture, lambda m: unet(m, context), z, _targets(), "official",
+        descent = tsam_descent.descend(capture, lambda m: unet(m, context), z, _targets(), "official",
                                    step_size=20.0, iterations=4)
         assert (descent.losses[-1] < descent.losses[0]).all() and descent.changed.all()
         broken = z.clone()
         broken[1, 0, 0, 0] = float("nan")
         with caplog.at_level(logging.WARNING, logger="seg_tsam"):
-            skipped = ldm_tsam.descend(capture, lambda m: unet(m, context), broken, _targets(), "official",
+            skipped = tsam_descent.descend(capture, lambda m: unet(m, context), broken, _targets(), "official",
                                        step_size=20.0, iterations=1, where="at step 3 ")
     assert skipped.changed.tolist() == [True, False]
     torch.testing.assert_close(skipped.model_input[1], broken[1], rtol=0, atol=0, equal_nan=True)

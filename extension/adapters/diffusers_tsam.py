@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import tsam
-from ..core.attention_capture import ProbabilityRecorder, frozen_parameters
-from ..core.layers import grid_at_level
+from ..core import tsam, tsam_descent
+from ..core.attention_capture import AttentionCapture, frozen_parameters
 from ..core.tsam import PromptTarget, TsamSettings
+from ..core.tsam_descent import UnetCall
 from .diffusers_conditioning import RowConditioning, is_sdxl
 
 logger = logging.getLogger("seg_tsam")
@@ -158,7 +158,7 @@ class _CapturingProcessor(nn.Module):
         if attention_mask is not None:
             scores = scores + attention_mask.to(exact)
         probabilities = scores.softmax(dim=-1)
-        self._capture._recorder.record(self._name, probabilities)
+        self._capture._record(self._name, probabilities)
 
         out = probabilities.to(value.dtype) @ value  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)  # (B, N, H·d)
@@ -170,7 +170,7 @@ class _CapturingProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
 
-class CrossAttentionCapture:
+class CrossAttentionCapture(AttentionCapture):
     """Context manager: explicit-softmax processors on the coarse ``attn2`` layers, and nothing else.
 
     Inside the ``with`` block, :meth:`probabilities` runs a UNet forward and returns the
@@ -184,41 +184,13 @@ class CrossAttentionCapture:
 
     def __init__(self, unet: nn.Module, *, level: int = DEFAULT_LEVEL, stop_early: bool = True):
         self.layers = tuple(coarse_cross_attention_layers(unet, level))
-        self.level = level
-        self._recorder = ProbabilityRecorder([layer.name for layer in self.layers], level=level, stop_early=stop_early)
-        self._originals: list[tuple[nn.Module, object]] = []
+        super().__init__([layer.name for layer in self.layers], level=level, stop_early=stop_early)
 
-    def __enter__(self) -> CrossAttentionCapture:
-        if self._originals:
-            raise RuntimeError("CrossAttentionCapture is already installed")
-        try:
-            for layer in self.layers:
-                original = layer.module.processor
-                layer.module.set_processor(_CapturingProcessor(self, layer.name))
-                self._originals.append((layer.module, original))
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        while self._originals:
-            module, original = self._originals.pop()
-            module.set_processor(original)
-        self._recorder.reset()
-
-    def probabilities(self, forward: Callable[[], object], grid: tuple[int, int]) -> torch.Tensor:
-        """Run ``forward`` (a UNet call) and return ``(B, h·w, context)`` probabilities.
-
-        ``grid`` is the expected ``(h, w)`` of the captured layers (see :func:`grid_at_level`); a
-        layer that runs with another query count raises instead of giving wrong maps.
-        """
-        if not self._originals:
-            raise RuntimeError("CrossAttentionCapture.probabilities used outside its with-block")
-        return self._recorder.run(forward, grid)
+    def _patch_layers(self) -> Iterator[Callable[[], None]]:
+        for layer in self.layers:
+            module, original = layer.module, layer.module.processor
+            module.set_processor(_CapturingProcessor(self, layer.name))
+            yield lambda module=module, original=original: module.set_processor(original)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,32 +212,6 @@ def _check_batch(model_input: torch.Tensor, cond: RowConditioning, targets: Sequ
         )
 
 
-@dataclass
-class _Alignment:
-    losses: torch.Tensor  #: (B,) per-image loss
-    maps: list[torch.Tensor]  #: per image (tokens, h, w) smoothed maps
-
-
-def _forward_alignment(
-    capture: CrossAttentionCapture,
-    unet: nn.Module,
-    z: torch.Tensor,
-    timestep: torch.Tensor | float,
-    cond: RowConditioning,
-    targets: Sequence[PromptTarget],
-    mode: str,
-) -> _Alignment:
-    grid = grid_at_level((z.shape[-2], z.shape[-1]), capture.level)
-    kwargs = cond.unet_kwargs()
-    probabilities = capture.probabilities(lambda: unet(z, timestep, **kwargs, return_dict=False), grid)
-    losses, maps = [], []
-    for image, prompt in enumerate(targets):
-        loss, image_maps = tsam.prompt_loss_and_maps(probabilities[image], grid, prompt, mode)
-        losses.append(loss)
-        maps.append(image_maps)
-    return _Alignment(torch.stack(losses), maps)
-
-
 @contextlib.contextmanager
 def _alignment_session(unet: nn.Module, level: int, stop_early: bool) -> Iterator[CrossAttentionCapture]:
     with frozen_parameters(unet), CrossAttentionCapture(unet, level=level, stop_early=stop_early) as capture:
@@ -277,19 +223,10 @@ def _prepared(cond: RowConditioning, timestep):
     return cond, (_autograd_ready(timestep) if torch.is_tensor(timestep) else timestep)
 
 
-def _gradient(
-    capture: CrossAttentionCapture, unet, z: torch.Tensor, timestep, cond, targets, mode: str
-) -> tuple[_Alignment, torch.Tensor]:
-    """Per-image losses and ``∇_z Σ_images loss`` (= each image's own gradient: images never mix)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        z = z.detach().clone().requires_grad_(True)  # a normal leaf even if z is an inference tensor
-        alignment = _forward_alignment(capture, unet, z, timestep, cond, targets, mode)
-        total = alignment.losses.sum()
-        if total.requires_grad:
-            (gradient,) = torch.autograd.grad(total, z)
-        else:  # no prompt with two tokens or more: nothing to align
-            gradient = torch.zeros_like(z)
-    return _Alignment(alignment.losses.detach(), [m.detach() for m in alignment.maps]), gradient
+def _unet_call(unet: nn.Module, timestep: torch.Tensor | float, cond: RowConditioning, dtype: torch.dtype) -> UnetCall:
+    """The cond rows' UNet call on ``z``, given to the UNet in ``dtype`` (the descent keeps ``z`` in float32)."""
+    kwargs = cond.unet_kwargs()
+    return lambda z: unet(z.to(dtype), timestep, **kwargs, return_dict=False)
 
 
 def alignment_losses(
@@ -306,8 +243,9 @@ def alignment_losses(
     """The T-SAM loss of each image, ``(B,)``, without gradient. ``model_input`` is what the UNet sees."""
     _check_batch(model_input, cond, targets)
     cond, timestep = _prepared(cond, timestep)
-    with _alignment_session(unet, level, stop_early) as capture, torch.no_grad():
-        return _forward_alignment(capture, unet, model_input, timestep, cond, targets, loss).losses
+    with _alignment_session(unet, level, stop_early) as capture:
+        run_unet = _unet_call(unet, timestep, cond, model_input.dtype)
+        return tsam_descent.alignment_losses(capture, run_unet, model_input, targets, loss).losses
 
 
 def alignment_gradient(
@@ -325,7 +263,8 @@ def alignment_gradient(
     _check_batch(model_input, cond, targets)
     cond, timestep = _prepared(cond, timestep)
     with _alignment_session(unet, level, stop_early) as capture:
-        alignment, gradient = _gradient(capture, unet, model_input, timestep, cond, targets, loss)
+        run_unet = _unet_call(unet, timestep, cond, model_input.dtype)
+        alignment, gradient = tsam_descent.alignment_gradient(capture, run_unet, model_input, targets, loss)
     return alignment.losses, gradient
 
 
@@ -354,31 +293,19 @@ def tsam_update(
     """``iterations`` T-SAM steps ``z ← z − α·∇_z L`` on the UNet input ``z`` of every image.
 
     Only the cond rows run (``cond`` has one row per image and ``targets[i]`` is image
-    ``i``'s T). The update is computed in float32 and cast back. An image whose loss or
+    ``i``'s T). The update is computed in float32 and cast back once at the end. An image whose loss or
     gradient is not finite keeps its ``z`` for that iteration (logged on ``seg_tsam``). The
     UNet is restored exactly when this returns or raises. For Euler-type schedulers map the
     result back with ``model_input / model_input_scale(...)`` (see the module docstring).
     """
     _check_batch(model_input, cond, targets)
     cond, timestep = _prepared(cond, timestep)
-    z = _autograd_ready(model_input.detach())
-    exact = torch.promote_types(model_input.dtype, torch.float32)
-    losses, maps = [], None
+    where = f"at timestep {timestep.tolist() if torch.is_tensor(timestep) else timestep} "
     with _alignment_session(unet, level, stop_early) as capture:
-        for iteration in range(iterations):
-            alignment, gradient = _gradient(capture, unet, z, timestep, cond, targets, settings.loss)
-            finite = torch.isfinite(gradient).flatten(1).all(dim=1) & torch.isfinite(alignment.losses)  # (B,)
-            for image in (~finite).nonzero().flatten().tolist():
-                logger.warning(
-                    "T-SAM: non-finite loss or gradient for image %d at timestep %s (iteration %d); update skipped",
-                    image, timestep.tolist() if torch.is_tensor(timestep) else timestep, iteration,
-                )
-            stepped = z.to(exact) - step_size * gradient.to(exact)
-            z = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), stepped, z.to(exact)).to(model_input.dtype)
-            losses.append(alignment.losses)
-            maps = alignment.maps
-    stacked = torch.stack(losses) if losses else torch.zeros(0, z.shape[0], dtype=exact)  # (iterations, B)
-    return TsamUpdate(z, stacked, maps if settings.show_maps else None)
+        descent = tsam_descent.descend(capture, _unet_call(unet, timestep, cond, model_input.dtype), model_input,
+                                       targets, settings.loss, step_size=step_size, iterations=iterations, where=where)
+    maps = descent.last.maps if settings.show_maps and descent.last is not None else None
+    return TsamUpdate(descent.model_input.to(model_input.dtype), descent.losses, maps)
 
 
 def model_input_scale(scheduler, timestep: torch.Tensor | float, like: torch.Tensor) -> float:

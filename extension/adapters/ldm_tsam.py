@@ -16,6 +16,8 @@ UNet with two levels) falls back to the **coarsest level that has cross-attentio
 instance, by an explicit-softmax attention that records the probabilities with gradient;
 every other module keeps the WebUI's current attention optimisation. The capture restores
 the modules on exit, and may end the UNet forward right after the last captured layer.
+The loss, gradient and descent on top of the capture are the core's
+(:mod:`..core.tsam_descent`), shared with diffusers.
 
 **Text side (T).** Each image's T comes from the prompt text the WebUI encoded for it,
 chunked by the encoder wrapper's own ``tokenize_line`` (75-token ``PromptChunk``s, ``BREAK``,
@@ -50,8 +52,7 @@ from torch import nn
 
 from ..core import tsam
 from ..core.tsam import ChunkTarget, PromptTarget
-from ..core.attention_capture import ProbabilityRecorder, frozen_parameters
-from ..core.layers import grid_at_level
+from ..core.attention_capture import AttentionCapture, frozen_parameters
 from .diffusers_tsam import no_new_capture_hooks
 
 logger = logging.getLogger("seg_tsam")
@@ -152,7 +153,7 @@ def cross_attention_with_probabilities(
     return attention.to_out(out), probabilities
 
 
-class LdmCrossAttentionCapture:
+class LdmCrossAttentionCapture(AttentionCapture):
     """Context manager: explicit attention on the coarse ``attn2`` modules, and nothing else.
 
     On enter each chosen module gets an instance-level ``forward`` (explicit softmax, same
@@ -171,59 +172,37 @@ class LdmCrossAttentionCapture:
         context_transform: ContextTransform | None = None,
     ):
         layers = cross_attention_layers(unet)
-        self.level = coarse_level(layers, DEFAULT_LEVEL if level is None else level)
-        self.layers = tuple(layer for layer in layers if layer.level == self.level)
+        level = coarse_level(layers, DEFAULT_LEVEL if level is None else level)
+        self.layers = tuple(layer for layer in layers if layer.level == level)
         self.context_transform = context_transform
-        self._recorder = ProbabilityRecorder(
-            [layer.name for layer in self.layers], level=self.level, stop_early=stop_early,
+        super().__init__(
+            [layer.name for layer in self.layers], level=level, stop_early=stop_early,
             missing_hint=" (a replacement UNet such as a TensorRT engine is not supported)",
         )
-        self._installed: list[tuple[nn.Module, object]] = []
 
-    def __enter__(self) -> LdmCrossAttentionCapture:
-        if self._installed:
-            raise RuntimeError("LdmCrossAttentionCapture is already installed")
-        try:
-            for layer in self.layers:
-                previous = layer.module.__dict__.get("forward", _MISSING)
-                layer.module.forward = self._capturing_forward(layer)
-                self._installed.append((layer.module, previous))
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        while self._installed:
-            module, previous = self._installed.pop()
-            if previous is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-        self._recorder.reset()
+    def _patch_layers(self) -> Iterator[Callable[[], None]]:
+        for layer in self.layers:
+            module, previous = layer.module, layer.module.__dict__.get("forward", _MISSING)
+            module.forward = self._capturing_forward(layer)
+            yield lambda module=module, previous=previous: _set_instance_forward(module, previous)
 
     def _capturing_forward(self, layer: LdmCrossAttentionLayer):
         def forward(x, context=None, mask=None, additional_tokens=None, n_times_crossframe_attn_in_self=0, **kwargs):
             if mask is not None or additional_tokens is not None or n_times_crossframe_attn_in_self or kwargs:
                 raise NotImplementedError(f"T-SAM: {layer.name} was called with masks or extra tokens")
             out, probabilities = cross_attention_with_probabilities(layer.module, x, context, self.context_transform)
-            self._recorder.record(layer.name, probabilities)
+            self._record(layer.name, probabilities)
             return out
 
         return forward
 
-    def probabilities(self, forward: Callable[[], object], grid: tuple[int, int]) -> torch.Tensor:
-        """Run ``forward`` (a UNet call) and return ``(B, h·w, context)`` probabilities.
 
-        ``grid`` is the expected token grid of the captured layers; a layer that runs with
-        another query count raises instead of giving wrong maps.
-        """
-        if not self._installed:
-            raise RuntimeError("LdmCrossAttentionCapture.probabilities used outside its with-block")
-        return self._recorder.run(forward, grid)
+def _set_instance_forward(module: nn.Module, forward: object) -> None:
+    """Give ``module`` the instance-level ``forward`` it had (``_MISSING``: none, the class's runs)."""
+    if forward is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = forward
 
 
 @contextlib.contextmanager
@@ -252,110 +231,6 @@ def alignment_session(
     capture = LdmCrossAttentionCapture(unet, level=level, context_transform=context_transform)
     with frozen_parameters(unet), _no_gradient_checkpointing(unet), capture:
         yield capture
-
-
-# --------------------------------------------------------------------------------------------
-# Loss, gradient, descent (the cond rows of one denoiser call)
-# --------------------------------------------------------------------------------------------
-
-#: Runs the UNet on a ``(B, 4, h, w)`` input ``z`` (cond rows only).
-UnetCall = Callable[[torch.Tensor], object]
-
-
-@dataclass(frozen=True)
-class Alignment:
-    losses: torch.Tensor  #: (B,) per-image loss
-    maps: list[torch.Tensor]  #: per image (ΣL, h, w) smoothed token maps, chunks concatenated
-
-
-def _alignment(
-    capture: LdmCrossAttentionCapture, run_unet: UnetCall, z: torch.Tensor, targets: Sequence[PromptTarget], mode: str
-) -> Alignment:
-    grid = grid_at_level((z.shape[-2], z.shape[-1]), capture.level)
-    probabilities = capture.probabilities(lambda: run_unet(z), grid)  # (B, h·w, context)
-    losses, maps = [], []
-    for image, target in enumerate(targets):
-        loss, image_maps = tsam.prompt_loss_and_maps(probabilities[image], grid, target, mode)
-        losses.append(loss)
-        maps.append(image_maps)
-    return Alignment(torch.stack(losses), maps)
-
-
-def alignment_losses(
-    capture: LdmCrossAttentionCapture, run_unet: UnetCall, z: torch.Tensor, targets: Sequence[PromptTarget], mode: str
-) -> Alignment:
-    """Losses and maps at ``z``, without gradient."""
-    with torch.no_grad():
-        return _alignment(capture, run_unet, z, targets, mode)
-
-
-def alignment_gradient(
-    capture: LdmCrossAttentionCapture, run_unet: UnetCall, z: torch.Tensor, targets: Sequence[PromptTarget], mode: str
-) -> tuple[Alignment, torch.Tensor]:
-    """``(alignment at z, ∇_z Σ_images loss)``; images never mix in the UNet, so each image's
-    slice of the gradient is the gradient of its own loss."""
-    with torch.inference_mode(False), torch.enable_grad():
-        leaf = z.detach().clone().requires_grad_(True)  # a normal leaf even if z is an inference tensor
-        alignment = _alignment(capture, run_unet, leaf, targets, mode)
-        total = alignment.losses.sum()
-        if total.requires_grad:
-            (gradient,) = torch.autograd.grad(total, leaf)
-        else:  # no prompt with two tokens or more: nothing to align
-            gradient = torch.zeros_like(leaf)
-    return Alignment(alignment.losses.detach(), [maps.detach() for maps in alignment.maps]), gradient
-
-
-@dataclass(frozen=True)
-class Descent:
-    """Result of :func:`descend`."""
-
-    model_input: torch.Tensor  #: the updated ``z`` (float32 or wider)
-    changed: torch.Tensor  #: (B,) bool: the image's ``z`` was updated at least once
-    losses: torch.Tensor  #: (iterations run, B) loss before each update
-    first: Alignment | None  #: losses and maps of the first forward (before any update)
-
-
-def descend(
-    capture: LdmCrossAttentionCapture,
-    run_unet: UnetCall,
-    z: torch.Tensor,
-    targets: Sequence[PromptTarget],
-    mode: str,
-    *,
-    step_size: float,
-    iterations: int,
-    should_stop: Callable[[], bool] | None = None,
-    where: str = "",
-) -> Descent:
-    """``iterations`` steps ``z ← z − α·∇_z L`` for every image, in float32 (or wider).
-
-    An image whose loss or gradient is not finite keeps its ``z`` for that iteration and a
-    warning names it (logger ``seg_tsam``). ``should_stop`` is polled between iterations
-    (the WebUI's interrupt button).
-    """
-    if len(targets) != z.shape[0]:
-        raise ValueError(f"T-SAM: {z.shape[0]} latents but {len(targets)} targets")
-    exact = torch.promote_types(z.dtype, torch.float32)
-    z = z.detach().to(exact)
-    changed = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-    losses, first = [], None
-    for iteration in range(iterations):
-        if should_stop is not None and should_stop():
-            break
-        alignment, gradient = alignment_gradient(capture, run_unet, z, targets, mode)
-        first = alignment if first is None else first
-        finite = torch.isfinite(gradient).flatten(1).all(dim=1) & torch.isfinite(alignment.losses)  # (B,)
-        for image in (~finite).nonzero().flatten().tolist():
-            logger.warning(
-                "T-SAM: non-finite loss or gradient for image %d %s(iteration %d); update skipped",
-                image, where, iteration,
-            )
-        stepped = z - step_size * gradient.to(exact)
-        z = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), stepped, z)
-        changed |= finite
-        losses.append(alignment.losses)
-    stacked = torch.stack(losses) if losses else z.new_zeros((0, z.shape[0]))
-    return Descent(z, changed, stacked, first)
 
 
 # --------------------------------------------------------------------------------------------

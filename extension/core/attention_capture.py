@@ -9,7 +9,7 @@ forward as soon as every needed layer ran (the loss does not depend on the rest 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -66,6 +66,64 @@ class ProbabilityRecorder:
         self._records[name] = probabilities.mean(dim=1)  # (B, N, M), mean over heads
         if self.stop_early and len(self._records) == len(self.layer_names):
             raise _ForwardStopped
+
+
+#: Undoes one layer's patch.
+Undo = Callable[[], None]
+
+
+class AttentionCapture:
+    """Base of the adapters' capture context managers: patch each captured layer on enter so it
+    hands its probabilities to the recorder, and undo every patch (in reverse) on exit, also
+    after an exception, so the model is back as it was, bit for bit.
+
+    A subclass implements :meth:`_patch_layers`: patch one layer, then yield the function that
+    undoes that patch, layer after layer (a failure half-way undoes the layers done so far).
+    Inside the ``with`` block, :meth:`probabilities` runs one UNet forward and returns the
+    captured probabilities, mean over heads and layers, with gradient.
+    """
+
+    def __init__(self, layer_names: Sequence[str], *, level: int, stop_early: bool = True, missing_hint: str = ""):
+        self.level = level  #: the captured layers' grid is the latent halved ``level`` times
+        self._recorder = ProbabilityRecorder(layer_names, level=level, stop_early=stop_early,
+                                             missing_hint=missing_hint)
+        self._undo: list[Undo] = []
+
+    def _patch_layers(self) -> Iterable[Undo]:
+        raise NotImplementedError
+
+    def _record(self, name: str, probabilities: torch.Tensor) -> None:
+        """For the patched layers: hand over ``(B, heads, N, M)`` probabilities."""
+        self._recorder.record(name, probabilities)
+
+    def __enter__(self):
+        if self._undo:
+            raise RuntimeError(f"{type(self).__name__} is already installed")
+        try:
+            for undo in self._patch_layers():
+                self._undo.append(undo)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self._recorder.reset()
+
+    def probabilities(self, forward: Callable[[], object], grid: tuple[int, int]) -> torch.Tensor:
+        """Run ``forward`` (a UNet call) and return ``(B, h·w, context)`` probabilities.
+
+        ``grid`` is the expected ``(h, w)`` of the captured layers; a layer that runs with
+        another query count raises instead of giving wrong maps.
+        """
+        if not self._undo:
+            raise RuntimeError(f"{type(self).__name__}.probabilities used outside its with-block")
+        return self._recorder.run(forward, grid)
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ import torch
 
 from ..adapters import ldm_tsam
 from ..adapters.ldm_tsam import TextTarget
+from ..core import tsam_descent
 from ..core.tsam import TsamSettings
 
 logger = logging.getLogger("seg_tsam")
@@ -254,12 +255,12 @@ class TsamGeneration:
         unet = sd_model.model.diffusion_model
         where = f"at step {step} (σ {float(sigma.flatten()[0]):.4g}) "
         with ldm_tsam.alignment_session(unet, context_transform=self.context_transform) as capture:
-            descent = ldm_tsam.descend(
+            descent = tsam_descent.descend(
                 capture, run_unet, z, prompt_targets, self.settings.loss,
                 step_size=step_size, iterations=iterations, should_stop=self.should_stop, where=where,
             )
             if self.settings.show_maps and descent.first is not None:
-                self._keep_maps(targets, descent, step, total, lambda: ldm_tsam.alignment_losses(
+                self._keep_maps(targets, descent, step, total, lambda: tsam_descent.alignment_losses(
                     capture, run_unet, descent.model_input, prompt_targets, self.settings.loss))
         if descent.losses.numel():
             logger.info("T-SAM step %d/%d: %d update(s) of size %.4g, loss %s → last %s", step, total,
