@@ -32,7 +32,6 @@ import contextlib
 import copy
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import warnings
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 from .onnx_checks import OnnxCheckError, check_onnx_for_tensorrt
+from .onnx_exports import new_data_file_name
 from .seg_unet import CONTEXT, OUTPUT, SAMPLE, TOKENS_PER_CHUNK, SegExportUNet, blur_input_names
 
 logger = logging.getLogger("seg_tsam")
@@ -321,7 +321,7 @@ def export_onnx(
         _trace_to(model, raw_path, opset=opset, dtype=torch_dtype, attention_path=attention_path,
                   example_batch=example_batch, example_latent=example_latent, example_tokens=example_tokens)
         del model
-        data_name = f"{target.name}.{secrets.token_hex(4)}.data"
+        data_name = new_data_file_name(target.name)
         final_name = "model.onnx"
         external = _finalise(raw_path, temp_dir / final_name, data_name, _metadata(wrapper, dtype), external_data)
         if check:

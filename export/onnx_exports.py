@@ -8,9 +8,11 @@ listing reads only these.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
-from collections.abc import Iterable
+import re
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +21,21 @@ from .registry import write_file_atomically
 logger = logging.getLogger("seg_tsam")
 
 INFO_SUFFIX = ".json"
+_DATA_SUFFIX = re.compile(r"\.[0-9a-f]{8}\.data")  #: after the ONNX file's name: see new_data_file_name
+
+
+def new_data_file_name(onnx_name: str) -> str:
+    """The external data file for a new export ``onnx_name``: ``<name>.<8 hex>.data``, a new name
+    each time, so the data of the export being replaced stays intact until the new one is in place."""
+    return f"{onnx_name}.{secrets.token_hex(4)}.data"
+
+
+def data_files_named_for(onnx_path: Path) -> list[Path]:
+    """The external data files beside ``onnx_path`` named after it (:func:`new_data_file_name`),
+    found by name: reading the model to learn them would parse the whole file (GBs when inline)."""
+    name = onnx_path.name
+    return sorted(path for path in onnx_path.parent.glob(f"{glob.escape(name)}.*.data")
+                  if _DATA_SUFFIX.fullmatch(path.name[len(name):]))
 
 
 @dataclass(frozen=True)
@@ -59,15 +76,13 @@ def list_onnx_exports(folder: Path | str) -> list[OnnxExportInfo]:
     return exports
 
 
-def remove_onnx_export(onnx_path: Path, external_data: Iterable[str] = ()) -> list[str]:
-    """Delete an export: its info file first (so a half-deleted export is never listed), then the
-    external data files named in ``external_data``, the ONNX file and its refit map. Returns the
+def remove_onnx_export(onnx_path: Path) -> list[str]:
+    """Delete an export: its info file first (so a half-deleted export is never listed), then its
+    external data (:func:`data_files_named_for`), the ONNX file and its refit map. Returns the
     names removed."""
     from .refit import sidecar_path
 
-    folder = onnx_path.parent
-    paths = [info_path(onnx_path), *(folder / Path(name).name for name in external_data), onnx_path,
-             sidecar_path(onnx_path)]
+    paths = [info_path(onnx_path), *data_files_named_for(onnx_path), onnx_path, sidecar_path(onnx_path)]
     removed = []
     for path in paths:
         if path.is_file():

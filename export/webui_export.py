@@ -437,8 +437,6 @@ def delete_export(models_dir: Path | str, onnx_file: Any) -> dict[str, Any]:
     """Delete the listed export ``onnx_file`` (info, ONNX, external data, refit map); return its
     info and the removed file names. :class:`ExportRequestError` for a malformed name,
     :class:`ExportNotFound` for one that is not listed. Engines built from it stay."""
-    from .onnx_export import external_data_files
-
     name = check_onnx_name(onnx_file)
     folder = onnx_folder(models_dir)
     info = next((info for info in list_onnx_exports(folder) if info.onnx_file == name), None)
@@ -446,7 +444,7 @@ def delete_export(models_dir: Path | str, onnx_file: Any) -> dict[str, Any]:
         raise ExportNotFound(f"no ONNX export named {name}")
     path = folder / name
     try:
-        removed = remove_onnx_export(path, external_data_files(path))
+        removed = remove_onnx_export(path)
     except OSError as error:
         raise ExportFailed(f"could not delete {name}: {error}") from error
     return {**asdict(info), "removed": removed}

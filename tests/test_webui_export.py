@@ -194,6 +194,20 @@ def test_exports_are_listed_and_deleted_with_all_their_files(tmp_path):
     assert [e["onnx_file"] for e in list_exports(tmp_path)] == [small[0]]
 
 
+def test_delete_finds_the_external_data_by_name_without_reading_the_model(tmp_path):
+    written = _write_export(tmp_path, "abcdef0123_mid_fp16.onnx", external=True, refit_map=False)
+    folder = webui_export.onnx_folder(tmp_path)
+    (folder / written[0]).write_bytes(b"unreadable: the model is never parsed")
+    left_by_a_crash = folder / f"{written[0]}.ffffffff.data"
+    left_by_a_crash.write_bytes(b"data of an export this one replaced")
+    kept = [folder / f"{written[0]}.notes.data", folder / "abcdef0123_mid_fp16.onnx2.0a1b2c3d.data"]
+    for path in kept:
+        path.write_bytes(b"not this export's")
+    removed = delete_export(tmp_path, written[0])["removed"]
+    assert sorted(removed) == sorted([*written, left_by_a_crash.name])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in kept)
+
+
 @pytest.mark.parametrize("name", ["../abcdef0123_mid_fp32.onnx", "sub/x.onnx", "x.json", "", None, "x.onnx\n",
                                   "/tmp/x.onnx", "x" * 200 + ".onnx"])
 def test_delete_export_refuses_malformed_names(tmp_path, name):
