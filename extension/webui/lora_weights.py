@@ -64,13 +64,11 @@ def current_weights() -> UNetWeights:
         raise EngineCannotRun("hypernetworks are active; an export holds weights, not hypernetworks")
     networks = _networks()
     wanted = list(networks.loaded_networks) if networks is not None else []
-    if not wanted:
-        return UNetWeights(CHECKPOINT_WEIGHTS, lambda: apply_wanted_networks(_pytorch_unet()))
-    if getattr(shared.opts, "lora_functional", False):
+    if wanted and getattr(shared.opts, "lora_functional", False):
         raise EngineCannotRun("the Lora setting 'use old method' (lora_functional) adds LoRA in the forward, "
                               "which an export cannot do")
     key = tuple((net.name, net.unet_multiplier, net.dyn_dim, getattr(net, "mtime", None)) for net in wanted)
-    return UNetWeights(key, lambda: apply_wanted_networks(_pytorch_unet()))
+    return UNetWeights(key or CHECKPOINT_WEIGHTS, lambda: apply_wanted_networks(_pytorch_unet()))
 
 
 @contextmanager

@@ -9,7 +9,9 @@
 #    plain requests (the "without this extension" baseline);
 # 2. restarts it with this extension as well and runs tests/webui/ against it.
 # The WebUI runs in API-only mode on 127.0.0.1 with a data folder of its own (extensions,
-# settings; models linked), so the WebUI's own folder is not touched. Stopped on exit.
+# settings; the model folders linked, except those the tests write: Lora, Unet-seg-onnx and
+# Unet-seg-trt), so the WebUI's own folder is not touched. Stopped, and what the tests wrote
+# removed, on exit; the WebUI log stays.
 set -euo pipefail
 TARGET=$(cd "${1:?usage: run_live_tests.sh TARGET [PORT] [-- pytest args]}" && pwd); shift
 PORT=7871
@@ -20,7 +22,11 @@ ROOT=$TARGET/stable-diffusion-webui
 DATA=$(mktemp -d)
 EXTENSIONS=$DATA/extensions
 mkdir -p "$EXTENSIONS"
-ln -s "$ROOT/models" "$DATA/models"
+WRITTEN_BY_TESTS=" Lora Unet-seg-onnx Unet-seg-trt "
+mkdir "$DATA/models"
+for folder in "$ROOT"/models/*; do
+  [[ $WRITTEN_BY_TESTS == *" $(basename "$folder") "* ]] || ln -s "$folder" "$DATA/models/"
+done
 # Options the tests override per request, set explicitly: WebUI 1.10.1 restores an overridden
 # option only when it was set before (see OVERRIDDEN_OPTIONS in test_live_seg.py).
 echo '{"skip_early_cond": 0.0, "batch_cond_uncond": true, "seg_batch_rows": true, "sd_unet": "Automatic"}' \
@@ -36,7 +42,7 @@ SERVER=
 stop() {
   if [[ -n "$SERVER" ]]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; fi
 }
-trap stop EXIT
+trap 'stop; rm -rf "$DATA/models"' EXIT  # rm -rf removes the links, not what they point to
 
 start() {
   (cd "$ROOT" && HF_HOME=$TARGET/hf-home HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$EXTRA_PATH exec "$TARGET/venv/bin/python" launch.py \
@@ -66,6 +72,6 @@ echo "== live tests: WebUI with this extension"
 ln -sfn "$REPO" "$EXTENSIONS/sd-webui-seg-tsam"
 start
 status=0
-SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_BASELINE=$BASELINE SEG_TSAM_WEBUI_MODELS=$ROOT/models "$PYTHON" -m pytest "$REPO/tests/webui" -rs "$@" || status=$?
+SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_BASELINE=$BASELINE SEG_TSAM_WEBUI_MODELS=$DATA/models "$PYTHON" -m pytest "$REPO/tests/webui" -rs "$@" || status=$?
 echo "WebUI log: $LOG"
 exit "$status"
