@@ -1,14 +1,16 @@
 """An exported SEG UNet run by ONNX Runtime: the portable runtime (CPU, or any ONNX Runtime build).
 
 Tensors cross to the host as NumPy arrays and back, so on a CUDA device this costs two copies per
-call; the fast GPU path is a TensorRT engine (:mod:`.trt_runtime`). What the graph was exported
-with (flavour, SEG layers, levels) is read from the metadata ``onnx_export`` writes.
+call; the fast GPU path is a TensorRT engine (:mod:`.trt_runtime`). With ``onnxruntime-gpu``
+and a CUDA device the graph runs on ONNX Runtime's CUDA provider (:func:`onnxruntime_providers`).
+What the graph was exported with (flavour, SEG layers, levels) is read from the metadata
+``onnx_export`` writes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,25 @@ from .unet_runtime import CHECKPOINT_WEIGHTS, EngineCannotRun, UNetWeights, chec
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def onnxruntime_providers(device: torch.device, available: Sequence[str] | None = None) -> list[str]:
+    """ONNX Runtime's execution providers for UNet calls on ``device``: its CUDA provider first when
+    ``device`` is a CUDA device and this build has it (``onnxruntime-gpu``), else the CPU.
+    ``available`` defaults to ``onnxruntime.get_available_providers()`` (none without onnxruntime).
+
+    UNVERIFIED on a GPU: the CUDA provider has not run here (no GPU).
+    """
+    if available is None:
+        try:
+            import onnxruntime
+        except ImportError:
+            available = ()
+        else:
+            available = onnxruntime.get_available_providers()
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 class OnnxSessionError(RuntimeError):

@@ -21,7 +21,12 @@ pytest.importorskip("onnxruntime")
 
 from seg_tsam.export.onnx_exports import OnnxExportInfo, list_onnx_exports, write_export_info  # noqa: E402
 from seg_tsam.export.onnx_export import export_onnx  # noqa: E402
-from seg_tsam.export.ort_session import OnnxExportSessions, OnnxRuntimeSession, OnnxSessionError  # noqa: E402
+from seg_tsam.export.ort_session import (  # noqa: E402
+    OnnxExportSessions,
+    OnnxRuntimeSession,
+    OnnxSessionError,
+    onnxruntime_providers,
+)
 from seg_tsam.export.profiles import EngineCall, EngineProfile  # noqa: E402
 from seg_tsam.export.registry import EngineEntry, EngineKey, EngineRegistry  # noqa: E402
 from seg_tsam.export.seg_unet import SegExportUNet  # noqa: E402
@@ -199,6 +204,18 @@ def test_a_file_that_is_not_a_seg_export_is_refused_with_the_reason(tmp_path, sd
     for _ in range(2):  # the load error is kept, not retried per call
         with pytest.raises(EngineCannotRun, match="no ONNX file"):
             chooser(EngineCall(2, 8, 8, 77), None, ())
+
+
+def test_cuda_provider_only_for_cuda_calls_where_the_build_has_it():
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnxruntime_providers(torch.device("cuda", 1), gpu_build) == ["CUDAExecutionProvider",
+                                                                        "CPUExecutionProvider"]
+    assert onnxruntime_providers("cpu", gpu_build) == ["CPUExecutionProvider"]
+    assert onnxruntime_providers("cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    import onnxruntime  # this build's own list: a CPU session always loads
+
+    providers = onnxruntime_providers("cpu")
+    assert providers == ["CPUExecutionProvider"] and set(providers) <= set(onnxruntime.get_available_providers())
 
 
 def test_session_reads_what_the_export_was_made_with(sd1):

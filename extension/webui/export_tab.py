@@ -4,8 +4,9 @@ Imported only inside the WebUI. Handlers are thin: widgets or JSON become an
 :class:`~seg_tsam.export.webui_export.ExportRequest`, the work is done by
 ``export/webui_export.py``, and exceptions become a message (tab) or a status code (API).
 onnx, onnxruntime and tensorrt are never imported while the UI is built: the tab only asks
-``importlib.util.find_spec`` whether they are installed; TensorRT's real availability (a CUDA
-device it can use) is checked when an export runs and reported in its result. File paths never
+``importlib.util.find_spec`` whether they are installed, and offers to install them (never at
+start-up); TensorRT's real availability (a CUDA device it can use) is checked when an export
+runs and reported in its result. File paths never
 come from a request: the folders are the WebUI's models folder, the names are derived, and
 deletes take an engine id or the name of a listed ONNX export (no folder).
 """
@@ -19,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import torch
 from fastapi import Body, FastAPI, HTTPException
 from modules import paths, script_callbacks, sd_unet, shared
 from modules.call_queue import queue_lock
 
 from ...export import webui_export
 from ...export.profiles import PRESETS
+from ...export.tensorrt_package import TensorRTOffer, tensorrt_offer
 from ...export.webui_export import (
     ENGINE_COLUMNS,
     EXPORT_COLUMNS,
@@ -89,11 +92,18 @@ def run_export(request: ExportRequest, progress=_state_progress) -> webui_export
             shared.state.end()
 
 
-def tensorrt_notice() -> str:
+def machine_tensorrt_offer() -> TensorRTOffer:
+    """The TensorRT wheel for this WebUI's torch and GPU (see :mod:`...export.tensorrt_package`)."""
+    return tensorrt_offer(torch.version.cuda, torch.cuda.is_available())
+
+
+def tensorrt_notice(offer: TensorRTOffer) -> str:
     """The tab's top line when TensorRT is not installed (empty when it is; the full check runs at export)."""
     if package_installed("tensorrt"):
         return ""
-    return f"⚠️ TensorRT is not installed (`import tensorrt` would fail). {NO_TENSORRT_HINT}"
+    install = (f"The button installs {offer.reason}." if offer.requirement
+               else f"No TensorRT install is offered: {offer.reason}.")
+    return f"⚠️ TensorRT is not installed (`import tensorrt` would fail). {NO_TENSORRT_HINT} {install}"
 
 
 # --- tab handlers -------------------------------------------------------------------------------------
@@ -122,12 +132,18 @@ def request_from_widgets(preset: str, layers: str, precision: str, build_engine:
     return ExportRequest(preset=preset, seg_layers=layers, precision=precision, build_engine=bool(build_engine))
 
 
-def _engine_table() -> list[list[Any]]:
+def _table(columns: tuple[str, ...], rows: list[list[Any]]) -> dict[str, Any]:
+    """A Dataframe value that keeps its column names: Gradio 3.41 numbers the columns of an empty list."""
+    return {"headers": list(columns), "data": rows}
+
+
+def _engine_table() -> dict[str, Any]:
     try:
-        return webui_export.engine_rows(webui_export.list_engines(_models_dir()))
+        rows = webui_export.engine_rows(webui_export.list_engines(_models_dir()))
     except ExportFailed as error:
         logger.warning("SEG export: %s", error)
-        return []
+        rows = []
+    return _table(ENGINE_COLUMNS, rows)
 
 
 def _on_export(preset, layers, precision, build_engine, *custom):
@@ -144,8 +160,8 @@ def _on_export(preset, layers, precision, build_engine, *custom):
     return message, _engine_table(), _export_table()
 
 
-def _export_table() -> list[list[Any]]:
-    return webui_export.export_rows(webui_export.list_exports(_models_dir()))
+def _export_table() -> dict[str, Any]:
+    return _table(EXPORT_COLUMNS, webui_export.export_rows(webui_export.list_exports(_models_dir())))
 
 
 def _on_delete_export(onnx_file: str):
@@ -168,14 +184,25 @@ def _on_delete(engine_id: str):
     return message, _engine_table()
 
 
-def _on_install() -> str:
+def _pip_install(arguments: str, what: str) -> str:
     import launch  # the WebUI's launcher module; only imported on click
 
     try:
-        launch.run_pip(f'install -r "{EXPORT_REQUIREMENTS}"', "SEG export packages")
+        launch.run_pip(f"install {arguments}", what)
     except Exception as error:
         return f"**Install failed:** {error}"
-    return "Installed the export packages. Restart the WebUI to use them."
+    return f"Installed {what}. Restart the WebUI to use them."
+
+
+def _on_install() -> str:
+    return _pip_install(f'-r "{EXPORT_REQUIREMENTS}"', "the SEG export packages")
+
+
+def _on_install_tensorrt() -> str:
+    offer = machine_tensorrt_offer()
+    if offer.requirement is None:
+        return f"**Not installed:** {offer.reason}"
+    return _pip_install(f'"{offer.requirement}"', f"TensorRT ({offer.requirement})")
 
 
 # --- the tab ------------------------------------------------------------------------------------------
@@ -189,8 +216,12 @@ def _range_row(label: str, low: int, high: int, step: int, values: tuple[int, in
 
 def on_ui_tabs():
     with gr.Blocks(analytics_enabled=False) as tab:
-        notice = tensorrt_notice()
-        gr.Markdown(notice, visible=bool(notice), elem_id="seg_export_trt_notice")
+        offer = machine_tensorrt_offer()
+        notice = tensorrt_notice(offer)
+        with gr.Row(visible=bool(notice)):
+            gr.Markdown(notice, elem_id="seg_export_trt_notice")
+            install_tensorrt = gr.Button("Install TensorRT", visible=offer.requirement is not None,
+                                         elem_id="seg_export_install_tensorrt")
         missing = [package for package in ("onnx", "onnxruntime") if not package_installed(package)]
         with gr.Row(visible=bool(missing)):
             gr.Markdown(f"Not installed: `{'`, `'.join(missing)}` (`onnx` to export, `onnxruntime` to run an "
@@ -232,6 +263,7 @@ def on_ui_tabs():
         delete_onnx.click(_on_delete_export, inputs=[onnx_file], outputs=[status, exports])
         refresh.click(lambda: (_engine_table(), _export_table()), inputs=[], outputs=[engines, exports])
         install.click(_on_install, inputs=[], outputs=[status])
+        install_tensorrt.click(_on_install_tensorrt, inputs=[], outputs=[status])
     return [(tab, "SEG Export", "seg_export")]
 
 
@@ -283,10 +315,12 @@ def _api_delete_export(onnx_file: str) -> dict[str, Any]:
 
 def _api_status() -> dict[str, Any]:
     """What the export can do here, without importing the heavy packages."""
+    offer = machine_tensorrt_offer()
     return {"onnx_installed": package_installed("onnx"),
             "onnxruntime_installed": package_installed("onnxruntime"),
-            "tensorrt_installed": package_installed("tensorrt"), "presets": list(PRESETS),
-            "precisions": list(webui_export.PRECISIONS)}
+            "tensorrt_installed": package_installed("tensorrt"),
+            "tensorrt_offer": {"requirement": offer.requirement, "reason": offer.reason},
+            "presets": list(PRESETS), "precisions": list(webui_export.PRECISIONS)}
 
 
 def on_app_started(_demo, app: FastAPI) -> None:

@@ -4,7 +4,8 @@
   ``tensorrt`` is installed). Its ``model_name`` is the checkpoint's, so "Automatic" picks it.
   For each call the registry chooses the engine (profile, SEG layers, TensorRT version, GPU).
 - ``[SEG ONNX] <checkpoint> (<layers>, <precision>)``: one per exported ONNX file, run by ONNX
-  Runtime (the portable path; on a GPU slower than TensorRT). Never picked by "Automatic".
+  Runtime (the portable path; on a GPU slower than TensorRT; its CUDA provider with
+  ``onnxruntime-gpu``). Never picked by "Automatic".
 
 Both run every row of a step (cond, uncond, SEG twins) in one call with the blur matrices of the
 current σ (:class:`~seg_tsam.export.unet_runtime.ReplacementUNet`); calls they cannot take run
@@ -29,7 +30,7 @@ import torch
 from modules import paths, script_callbacks, sd_hijack, sd_models, sd_unet, shared
 
 from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports
-from ...export.ort_session import OnnxExportSessions
+from ...export.ort_session import OnnxExportSessions, onnxruntime_providers
 from ...export.registry import EngineEntry, EngineRegistry, RegistryError
 from ...export.unet_runtime import EngineCannotRun, ReplacementUNet, SessionChooser
 from ...export.webui_export import checkpoint_facts, engine_folder, onnx_folder
@@ -123,7 +124,8 @@ def _model_name(checkpoint_name: str) -> str:
 def _onnx_option(info: OnnxExportInfo, folder: Path) -> SegUnetOption:
     def make_chooser() -> SessionChooser:
         return OnnxExportSessions(folder / info.onnx_file, checkpoint_hash=info.checkpoint_hash,
-                                  current_checkpoint_hash=loaded_checkpoint_hash)
+                                  current_checkpoint_hash=loaded_checkpoint_hash,
+                                  providers=onnxruntime_providers(shared.device))
 
     return SegUnetOption(f"{ONNX_PREFIX} {info.label}", None, _or_refusal(make_chooser))
 

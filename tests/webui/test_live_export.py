@@ -39,6 +39,11 @@ def tiny_sd1():
 def test_status_and_engine_list_answer():
     status, body = call("GET", "/seg-tsam/export/status")
     assert status == 200 and "SD1.x 512-768" in body["presets"], body
+    offer = body["tensorrt_offer"]  # the TensorRT wheel for the server's torch, or why there is none
+    if offer["requirement"] is None:
+        assert "CUDA" in offer["reason"], offer
+    else:
+        assert offer["requirement"].startswith("tensorrt-cu") and offer["requirement"] in offer["reason"], offer
     status, body = call("GET", "/seg-tsam/engines")
     assert status == 200 and isinstance(body["engines"], list), body
 
