@@ -6,8 +6,8 @@ built with ``BuilderFlag.REFIT`` can take new weights by *ONNX initializer name*
 every initializer, which UNet parameter it holds and in which form. :func:`weight_map` works
 that out once, from the exported file and the UNet it was exported from, and returns a
 :class:`RefitMap` (saved as a JSON sidecar next to the engine); :meth:`RefitMap.weights_from`
-then gives the engine's weights for the UNet's current state, and :func:`refit_engine` pushes
-them into an engine.
+then gives the engine's weights for the UNet's current state, and
+:func:`~.trt_refit.refit_engine` pushes them into an engine.
 
 What the legacy TorchScript exporter (``do_constant_folding=True``) does to the weights, and
 how each case is recognised:
@@ -40,11 +40,8 @@ folded into a fixed constant), or the parameters behind one deduplicated initial
 changed since the export. While such parameters keep their exported values the engine's copy
 is still right and the refit goes ahead.
 
-:func:`refit_engine` is written against TensorRT 10's ``Refitter`` Python API
-(``get_all_weights``, ``set_named_weights``, ``get_missing_weights``, ``refit_cuda_engine``)
-and is UNVERIFIED: no TensorRT or GPU was available where it was written. The mapping itself
-is checked on CPU by replacing the initializers of an export and running it in ONNX Runtime
-(``tests/test_refit.py``).
+The mapping is checked on CPU by replacing the initializers of an export and running it in
+ONNX Runtime (``tests/test_refit.py``); the TensorRT side is in :mod:`.trt_refit`.
 """
 
 from __future__ import annotations
@@ -234,7 +231,7 @@ class RefitMap:
         transformed. With ``strict`` (the default), raises :class:`RefitError` when the
         weights cannot be refitted exactly (:meth:`problems`).
         """
-        tensors = _float_state(unet)
+        tensors = float_state(unet)
         if strict:
             problems = self.problems(unet, tensors=tensors)
             if problems:
@@ -243,7 +240,7 @@ class RefitMap:
 
     def problems(self, unet: nn.Module, *, tensors: Mapping[str, torch.Tensor] | None = None) -> list[str]:
         """Why ``unet``'s current weights cannot be refitted exactly; empty when they can."""
-        tensors = _float_state(unet) if tensors is None else tensors
+        tensors = float_state(unet) if tensors is None else tensors
         problems = [f"{name}: {reason}" for name, reason in self._missing_keys(tensors)]
         if problems:
             return problems
@@ -323,7 +320,7 @@ def source_array(tensors: Mapping[str, torch.Tensor], source: WeightSource, dtyp
     return np.ascontiguousarray(array).reshape(tuple(shape))
 
 
-def _float_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+def float_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """Floating-point parameters and buffers by ``state_dict`` key."""
     return {key: value for key, value in unet.state_dict().items() if value.is_floating_point()}
 
@@ -544,7 +541,7 @@ def weight_map(onnx_path: str | os.PathLike, unet: nn.Module, *, prefix: str = "
 
     model = onnx.load(os.fspath(onnx_path), load_external_data=True)
     arrays, fixed = _float_arrays(model)
-    tensors = _float_state(unet)
+    tensors = float_state(unet)
     dtypes = sorted({array.dtype for array in arrays.values()}, key=lambda d: d.name)
     weights_dtype = _weights_dtype(arrays)
     index = _ValueIndex(tensors, set(dtypes) | {weights_dtype})
@@ -564,87 +561,3 @@ def weight_map(onnx_path: str | os.PathLike, unet: nn.Module, *, prefix: str = "
     held = {s.key for e in mapped for s in e.sources} | {c.key for e in ambiguous for c in e.candidates}
     unmapped = {key: index.flat_digest[(key, weights_dtype.name)] for key in sorted(set(tensors) - held)}
     return RefitMap(prefix, weights_dtype.name, tuple(mapped), tuple(ambiguous), tuple(fixed), unmapped)
-
-
-# --- TensorRT ------------------------------------------------------------------------------------------
-
-
-def _by_engine_name(entries: Iterable[MappedWeight | AmbiguousWeight], values: Mapping[str, np.ndarray]
-                    ) -> dict[str, np.ndarray]:
-    """Each value under its initializer's name and every alias: the ONNX parser may name a
-    deduplicated weight after either (unverified which), and both hold the same value."""
-    return {alias: values[entry.name] for entry in entries if entry.name in values
-            for alias in (entry.name, *entry.aliases)}
-
-
-def _unchanged_ambiguous(refit_map: RefitMap, unet: nn.Module) -> dict[str, np.ndarray]:
-    """Ambiguous initializers whose candidates are unchanged (:meth:`RefitMap.problems` checked
-    that) equal any candidate: TensorRT may ask for them when they are combined with set weights."""
-    tensors = _float_state(unet)
-    return {e.name: source_array(tensors, e.candidates[0], e.dtype, e.shape) for e in refit_map.ambiguous}
-
-
-def _graph_constants(onnx_path: str | os.PathLike, names: set[str]) -> dict[str, np.ndarray]:
-    """Values of ``names`` among the export's initializers and ``Constant`` node outputs."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(os.fspath(onnx_path), load_external_data=True)
-    found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] in names:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                found[node.output[0]] = numpy_helper.to_array(value)
-    return {name: np.ascontiguousarray(array) for name, array in found.items()}
-
-
-def refit_engine(engine: Any, refit_map: RefitMap, unet: nn.Module, *, logger: Any = None,
-                 onnx_path: str | os.PathLike | None = None) -> int:
-    """Refit a ``BuilderFlag.REFIT`` engine with ``unet``'s current weights; return how many were set.
-
-    Every mapped initializer the engine reports as refittable (``get_all_weights``) is set; a
-    mapped one the engine baked in (not refittable) must be unchanged. TensorRT may then miss
-    weights it combined with the set ones: ambiguous-but-unchanged initializers are supplied,
-    and with ``onnx_path`` (the exported file) the graph's constants too (fixed initializers,
-    ``Constant`` nodes: they never change). Anything else missing raises :class:`RefitError`
-    before ``refit_cuda_engine`` touches the engine, as does everything
-    :meth:`RefitMap.weights_from` refuses.
-
-    UNVERIFIED: written against TensorRT 10's Python ``Refitter`` without TensorRT or a GPU.
-    """
-    import tensorrt as trt
-
-    values = refit_map.weights_from(unet)  # strict: refuses what cannot be refitted exactly
-    refitter = trt.Refitter(engine, logger or trt.Logger(trt.Logger.WARNING))
-    refittable = set(refitter.get_all_weights())
-    if not refittable:
-        raise RefitError("the engine has no refittable weights (built without BuilderFlag.REFIT?)")
-    named = _by_engine_name(refit_map.mapped, values)
-    baked = sorted(entry.name for entry in refit_map.mapped
-                   if not refittable & {entry.name, *entry.aliases} and digest(values[entry.name]) != entry.digest)
-    if baked:
-        raise RefitError(f"the engine holds these weights as constants, yet they changed: {baked[:10]}; rebuild it")
-    keep_alive = []  # TensorRT reads the host arrays in refit_cuda_engine
-
-    def set_weights(batch: Mapping[str, np.ndarray]) -> int:
-        for name, array in sorted(batch.items()):
-            keep_alive.append(array)
-            if not refitter.set_named_weights(name, trt.Weights(array)):
-                raise RefitError(f"TensorRT rejected the weights {name!r} ({array.dtype}, {array.shape})")
-        return len(batch)
-
-    count = set_weights({name: array for name, array in named.items() if name in refittable})
-    missing = set(refitter.get_missing_weights())
-    if missing:
-        extra = _by_engine_name(refit_map.ambiguous, _unchanged_ambiguous(refit_map, unet))
-        count += set_weights({name: array for name, array in extra.items() if name in missing})
-        missing = set(refitter.get_missing_weights())
-    if missing and onnx_path is not None:
-        count += set_weights(_graph_constants(onnx_path, missing - set(named)))
-        missing = set(refitter.get_missing_weights())
-    if missing:
-        raise RefitError(f"TensorRT needs weights no UNet tensor explains: {sorted(missing)[:10]}")
-    if not refitter.refit_cuda_engine():
-        raise RefitError("TensorRT refit_cuda_engine failed (see the TensorRT log)")
-    return count

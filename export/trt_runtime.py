@@ -24,7 +24,8 @@ import torch
 
 from ..extension.core.query_blur_patch import ActiveBlur
 from .profiles import EngineCall, blur_input_level
-from .refit import RefitError, refit_engine, refit_map_beside
+from .refit import RefitError, refit_map_beside
+from .trt_refit import refit_engine
 from .registry import EngineEntry, EngineQuery, EngineRegistry, LookupResult, find_engine
 from .seg_unet import OUTPUT, SAMPLE
 from .unet_runtime import CHECKPOINT_WEIGHTS, EngineCannotRun, UNetWeights, check_extra_inputs

@@ -42,11 +42,11 @@ from seg_tsam.export.refit import (
     RefitMap,
     WeightSource,
     _node_scopes,
-    refit_engine,
     sidecar_path,
     weight_map,
 )
 from seg_tsam.export.seg_unet import SegExportUNet, blur_matrix_inputs, example_conditioning
+from seg_tsam.export.trt_refit import refit_engine
 from seg_tsam.extension.adapters import tiny_models
 
 FP32_TOLERANCE = 1e-4
