@@ -46,6 +46,23 @@ def replacement_unet_message(feature: str, label: str) -> str:
             f"set Settings → SD Unet to None (or to a [SEG …] UNet of this extension)")
 
 
+def refuse_foreign_replacement(feature: str, error: type[RequestError]) -> None:
+    """Raise ``error`` when the active SD Unet replacement is not ours (call it inside ``p.sample``:
+    the WebUI applies the SD Unet setting just before sampling)."""
+    foreign = foreign_replacement_unet()
+    if foreign is not None:
+        raise error(replacement_unet_message(feature, foreign))
+
+
+def fail_sampling(p: Any, error: RequestError) -> None:
+    """Make ``p.sample`` raise ``error``: a bad request fails with its message, and nothing touched the model."""
+
+    def sample(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    p.sample = sample
+
+
 def package_installed(package: str) -> bool:
     """Whether ``package`` can be imported, without importing it (heavy packages stay unloaded)."""
     try:

@@ -18,14 +18,7 @@ from modules.ui_components import InputAccordion
 from ..adapters.unet_layers import self_attention_layers
 from ..core.layers import LayerSpecError, select_layers
 from ..core.settings import INFOTEXT_KEYS, SEG_MODES, SegSettings, SettingsError
-from .common import (
-    RequestError,
-    add_settings,
-    foreign_replacement_unet,
-    option,
-    register_xyz_axes,
-    replacement_unet_message,
-)
+from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
 from .seg_args import settings_from_args
 from .seg_runtime import SegGeneration
 
@@ -97,7 +90,7 @@ class SegScript(scripts.Script):
                 _check_model(settings)
         except (SettingsError, LayerSpecError) as error:
             logger.error("SEG: %s", error)
-            _fail_sampling(p, f"Smoothed Energy Guidance: {error}")
+            fail_sampling(p, SegError(f"Smoothed Energy Guidance: {error}"))
             return
         if not settings.has_effect:
             return
@@ -117,22 +110,13 @@ def _check_model(settings: SegSettings) -> None:
     select_layers(self_attention_layers(model.model.diffusion_model), settings.layers)
 
 
-def _fail_sampling(p, message: str) -> None:
-    def sample(*args, **kwargs):
-        raise SegError(message)
-
-    p.sample = sample
-
-
 def _wrap_sampling(p, settings: SegSettings) -> None:
     """Run ``p.sample`` (both hires passes included) inside one :class:`SegGeneration`."""
     original = p.sample
     batch_rows = bool(option("seg_batch_rows", True)) and bool(shared.opts.batch_cond_uncond)
 
     def sample(*args, **kwargs):
-        foreign = foreign_replacement_unet()  # the WebUI applies the SD Unet setting just before sampling
-        if foreign is not None:
-            raise SegError(replacement_unet_message("Smoothed Energy Guidance", foreign))
+        refuse_foreign_replacement("Smoothed Energy Guidance", SegError)
         generation = SegGeneration(settings, batch_rows=batch_rows, owner=p,
                                    max_extra_rows=None if shared.opts.batch_cond_uncond else p.batch_size)
         with generation:

@@ -23,14 +23,7 @@ from ..core import tsam
 from ..core.settings import SettingsError
 from ..core.tsam import LOSS_MODES, TsamSettings
 from ..core.tsam_infotext import INFOTEXT_KEYS, to_infotext
-from .common import (
-    RequestError,
-    add_settings,
-    foreign_replacement_unet,
-    option,
-    register_xyz_axes,
-    replacement_unet_message,
-)
+from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
 from .tsam_args import settings_from_args
 from .tsam_runtime import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
@@ -104,7 +97,7 @@ class TsamScript(scripts.Script):
                 _check_supported(p)
         except SettingsError as error:
             logger.error("T-SAM: %s", error)
-            _fail_sampling(p, f"{TITLE}: {error}")
+            fail_sampling(p, TsamError(f"{TITLE}: {error}"))
             return
         if not settings.has_effect:
             return
@@ -154,13 +147,6 @@ def _check_supported(p) -> None:
         raise SettingsError(str(error).removeprefix("T-SAM: ")) from None
 
 
-def _fail_sampling(p, message: str) -> None:
-    def sample(*args, **kwargs):
-        raise TsamError(message)
-
-    p.sample = sample
-
-
 def _interrupted() -> bool:
     return bool(shared.state.interrupted or shared.state.skipped)
 
@@ -189,9 +175,7 @@ def _wrap_sampling(p, settings: TsamSettings) -> None:
     original = p.sample
 
     def sample(*args, **kwargs):
-        foreign = foreign_replacement_unet()  # the WebUI applies the SD Unet setting just before sampling
-        if foreign is not None:
-            raise TsamError(replacement_unet_message(TITLE, foreign))
+        refuse_foreign_replacement(TITLE, TsamError)
         generation = TsamGeneration(settings, owner=p, should_stop=_interrupted,
                                     context_transform=_hypernetwork_context)
         with generation:
