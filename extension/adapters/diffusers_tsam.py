@@ -212,21 +212,29 @@ def _check_batch(model_input: torch.Tensor, cond: RowConditioning, targets: Sequ
         )
 
 
-@contextlib.contextmanager
-def _alignment_session(unet: nn.Module, level: int, stop_early: bool) -> Iterator[CrossAttentionCapture]:
-    with frozen_parameters(unet), CrossAttentionCapture(unet, level=level, stop_early=stop_early) as capture:
-        yield capture
-
-
 def _prepared(cond: RowConditioning, timestep):
     cond = RowConditioning(_autograd_ready(cond.text), _autograd_ready(cond.pooled), _autograd_ready(cond.time_ids))
     return cond, (_autograd_ready(timestep) if torch.is_tensor(timestep) else timestep)
 
 
-def _unet_call(unet: nn.Module, timestep: torch.Tensor | float, cond: RowConditioning, dtype: torch.dtype) -> UnetCall:
-    """The cond rows' UNet call on ``z``, given to the UNet in ``dtype`` (the descent keeps ``z`` in float32)."""
-    kwargs = cond.unet_kwargs()
-    return lambda z: unet(z.to(dtype), timestep, **kwargs, return_dict=False)
+@contextlib.contextmanager
+def _alignment_session(
+    unet: nn.Module,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor | float,
+    cond: RowConditioning,
+    targets: Sequence[PromptTarget],
+    level: int,
+    stop_early: bool,
+) -> Iterator[tuple[CrossAttentionCapture, UnetCall]]:
+    """After checking the batch: the capture installed and the UNet's weights frozen (both undone
+    on exit), with the cond rows' UNet call on ``z``, given to the UNet in ``model_input``'s dtype
+    (the descent keeps ``z`` in float32)."""
+    _check_batch(model_input, cond, targets)
+    cond, timestep = _prepared(cond, timestep)
+    kwargs, dtype = cond.unet_kwargs(), model_input.dtype
+    with frozen_parameters(unet), CrossAttentionCapture(unet, level=level, stop_early=stop_early) as capture:
+        yield capture, lambda z: unet(z.to(dtype), timestep, **kwargs, return_dict=False)
 
 
 def alignment_losses(
@@ -241,10 +249,7 @@ def alignment_losses(
     stop_early: bool = True,
 ) -> torch.Tensor:
     """The T-SAM loss of each image, ``(B,)``, without gradient. ``model_input`` is what the UNet sees."""
-    _check_batch(model_input, cond, targets)
-    cond, timestep = _prepared(cond, timestep)
-    with _alignment_session(unet, level, stop_early) as capture:
-        run_unet = _unet_call(unet, timestep, cond, model_input.dtype)
+    with _alignment_session(unet, model_input, timestep, cond, targets, level, stop_early) as (capture, run_unet):
         return tsam_descent.alignment_losses(capture, run_unet, model_input, targets, loss).losses
 
 
@@ -260,10 +265,7 @@ def alignment_gradient(
     stop_early: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(losses (B,), ∇ loss w.r.t. model_input)``; the loss is in float32 (float64 for a float64 UNet)."""
-    _check_batch(model_input, cond, targets)
-    cond, timestep = _prepared(cond, timestep)
-    with _alignment_session(unet, level, stop_early) as capture:
-        run_unet = _unet_call(unet, timestep, cond, model_input.dtype)
+    with _alignment_session(unet, model_input, timestep, cond, targets, level, stop_early) as (capture, run_unet):
         alignment, gradient = tsam_descent.alignment_gradient(capture, run_unet, model_input, targets, loss)
     return alignment.losses, gradient
 
@@ -298,12 +300,10 @@ def tsam_update(
     UNet is restored exactly when this returns or raises. For Euler-type schedulers map the
     result back with ``model_input / model_input_scale(...)`` (see the module docstring).
     """
-    _check_batch(model_input, cond, targets)
-    cond, timestep = _prepared(cond, timestep)
     where = f"at timestep {timestep.tolist() if torch.is_tensor(timestep) else timestep} "
-    with _alignment_session(unet, level, stop_early) as capture:
-        descent = tsam_descent.descend(capture, _unet_call(unet, timestep, cond, model_input.dtype), model_input,
-                                       targets, settings.loss, step_size=step_size, iterations=iterations, where=where)
+    with _alignment_session(unet, model_input, timestep, cond, targets, level, stop_early) as (capture, run_unet):
+        descent = tsam_descent.descend(capture, run_unet, model_input, targets, settings.loss,
+                                       step_size=step_size, iterations=iterations, where=where)
     maps = descent.last.maps if settings.show_maps and descent.last is not None else None
     return TsamUpdate(descent.model_input.to(model_input.dtype), descent.losses, maps)
 
