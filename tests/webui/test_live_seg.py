@@ -297,19 +297,21 @@ def test_nan_and_extra_arguments(model):
     assert probe_state()["unet_hooks"] == 0  # and the server still serves
 
 
-def test_interrupted_generation_leaves_no_hook(model):
-    _, before = model
+def interrupt_midway(long_generation) -> dict:
+    """Run ``long_generation()`` in a thread, press Interrupt after 2 s; return what it returned."""
     result = {}
-
-    def long_generation():
-        result["body"] = generate(seg=SEG_ON, steps=150)
-
-    worker = threading.Thread(target=long_generation)
+    worker = threading.Thread(target=lambda: result.update(body=long_generation()))
     worker.start()
     time.sleep(2.0)
     call("POST", "/sdapi/v1/interrupt")
     worker.join(timeout=600)
-    assert "body" in result
+    assert "body" in result, "the interrupted generation did not answer"
+    return result["body"]
+
+
+def test_interrupted_generation_leaves_no_hook(model):
+    _, before = model
+    interrupt_midway(lambda: generate(seg=SEG_ON, steps=150))
     after = probe_state()
     assert after["unet_hooks"] == 0 and after["fingerprint"] == before["fingerprint"]
     assert after["forward_overrides"] == before["forward_overrides"]

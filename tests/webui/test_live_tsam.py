@@ -15,11 +15,9 @@ import hashlib
 import io
 import json
 import math
-import threading
-import time
 
 import pytest
-from test_live_seg import URL, call, checkpoints, image_hash, probe_state, relative_difference
+from test_live_seg import URL, call, checkpoints, image_hash, interrupt_midway, probe_state, relative_difference
 
 pytestmark = pytest.mark.skipif(not URL, reason="SEG_TSAM_WEBUI_URL is not set (no live WebUI to test against)")
 
@@ -219,18 +217,8 @@ def test_no_hooks_left_after_a_failed_or_interrupted_generation(model):
     assert status == 422 and "UniPC" in body["errors"], body
     assert_model_untouched(before)
 
-    result = {}
-
-    def long_generation():
-        result["body"] = generate(tsam=[{"strength": 5, "active_fraction": 1.0, "refinement_steps": "none"}],
-                                  steps=150)
-
-    worker = threading.Thread(target=long_generation)
-    worker.start()
-    time.sleep(2.0)
-    call("POST", "/sdapi/v1/interrupt")
-    worker.join(timeout=600)
-    assert "body" in result
+    interrupt_midway(lambda: generate(tsam=[{"strength": 5, "active_fraction": 1.0, "refinement_steps": "none"}],
+                                      steps=150))
     assert_model_untouched(before)
     assert image_hash(generate()) == image_hash(generate())
 
