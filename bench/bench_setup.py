@@ -1,5 +1,5 @@
 """Shared by the bench scripts (run as ``python bench/<script>.py``, so this folder is on ``sys.path``):
-makes the repository importable as ``seg_tsam.*`` and names the UNets they time."""
+makes the repository importable as ``seg_tsam.*``, names the UNets they time and prints their tables."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ from seg_tsam.extension.adapters import tiny_models as tm  # noqa: E402
 CONFIGS = {"tiny": tm.TINY_SD1_UNET_CONFIG, "sd15": tm.SD15_UNET_CONFIG, "sdxl": tm.SDXL_UNET_CONFIG}
 #: Default square image side in pixels, (on CPU, on CUDA).
 DEFAULT_SIZE = {"tiny": (128, 128), "sd15": (256, 512), "sdxl": (256, 1024)}
+
+
+def table(header: list[str], rows: list[list[str]]) -> None:
+    print("\n| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

@@ -30,7 +30,7 @@ import statistics
 import sys
 from collections.abc import Callable
 
-import bench_setup  # noqa: F401  (registers the seg_tsam package, so it comes before seg_tsam imports)
+from bench_setup import table  # also registers the seg_tsam package, so it comes before seg_tsam imports
 import torch
 from seg_tsam.export.seg_unet import apply_blur_matrices, blur_matrix_inputs
 from seg_tsam.extension.core.settings import format_sigma
@@ -86,12 +86,6 @@ def bench_shape(grid: tuple[int, int], channels: int, sigma: float, rows: list[i
     ratio = statistics.median(t / s for t, s in zip(times["triton"], times["standard"]))
     return [f"{grid[0]}×{grid[1]}", str(channels), format_sigma(sigma), f"{standard:.4f}", f"{triton_ms:.4f}",
             f"{ratio:.2f}", f"{errors['standard']:.2e}", f"{errors['triton']:.2e}"]
-
-
-def table(header: list[str], rows: list[list[str]]) -> None:
-    print("\n| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def main() -> int:

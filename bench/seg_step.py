@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench_setup import CONFIGS, DEFAULT_SIZE  # also registers the seg_tsam package
+from bench_setup import CONFIGS, DEFAULT_SIZE, table  # also registers the seg_tsam package
 
 from seg_tsam.extension.adapters import tiny_models as tm  # noqa: E402
 from seg_tsam.extension.adapters.diffusers_conditioning import RowConditioning  # noqa: E402
@@ -89,8 +89,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     timestep = torch.tensor(500.0, device=device)
 
     with torch.inference_mode(), QueryBlurPatch(layers) as patch:
-        step = lambda p, seg, batched=True: lambda: guided_prediction(  # noqa: E731
-            unet, p, latents, timestep, cond, uncond, cfg_scale=7.5, seg=seg, batch_seg_rows=batched)
+        def step(p, seg, batched=True) -> Callable[[], object]:
+            return lambda: guided_prediction(unet, p, latents, timestep, cond, uncond, cfg_scale=7.5, seg=seg,
+                                             batch_seg_rows=batched)
+
         variants = {"CFG": step(None, None), "SEG b. σ=inf": step(patch, seg_inf),
                     f"SEG b. {sig}": step(patch, seg_sig), "SEG b. no blur": step(_NoBlur(), seg_inf),
                     "SEG sep.": step(patch, seg_inf, batched=False)}
@@ -138,12 +140,6 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
               f"{1 - paired('SEG b. no blur', f'SEG b. {sig}'):+.1%}",
               f"{blur_fn[0]:.3f}", f"{blur_fn[1]:.3f}"]
     return dict(name=name, size=f"{height}×{width}", keys=keys, sig=sig, ms=ms, ratios=ratios)
-
-
-def table(header: list[str], rows: list[list[str]]) -> None:
-    print("\n| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def main() -> None:
