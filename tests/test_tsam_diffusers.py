@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -232,22 +233,45 @@ def test_gradient_matches_central_finite_differences(tiny_sd_pipe, loss):
     assert float(up) > float(losses[0]) > float(down)
 
 
+def float64_copy(pipe, cond: RowConditioning):
+    """The pipeline's UNet and a conditioning in float64: T-SAM's decrease per step (~1e-7 on the
+    tiny SDXL model, whose gradient is ~1e-5) is far below float32 forward noise (~1e-7 relative
+    to a loss of 0.5), but 1e8 times above float64's."""
+    as64 = lambda tensor: None if tensor is None else tensor.double()  # noqa: E731
+    return copy.deepcopy(pipe.unet).double(), RowConditioning(as64(cond.text), as64(cond.pooled), as64(cond.time_ids))
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_one_step_decreases_the_loss(tiny_sd_pipe, tiny_sdxl_pipe, kind):
+def test_one_step_decreases_the_loss_to_first_order(tiny_sd_pipe, tiny_sdxl_pipe, kind):
+    """``L(z − h·g) = L(z) − h‖g‖² + O(h²)`` per image, in float64.
+
+    The relative error ``e(h)`` of the first-order prediction ``h‖g_i‖²`` is ``O(h)``, so halving
+    the step halves it: ``e(h/2)/e(h) = ½ + O(h)``. The ``O(h)`` there is of the size of ``e(h)``
+    itself (the next Taylor term relative to the one before), which bounds the ratio's distance
+    from ½. A wrong gradient (sign, scale, another image's) fails the first check; a gradient of
+    the wrong function leaves ``e`` constant instead of halving.
+    """
     pipe = tiny_sd_pipe if kind == "sd1" else tiny_sdxl_pipe
     prompts = ["a red car and a blue clock", "a small cat on a green mat"]
-    cond = sd1_conditioning(pipe, prompts) if kind == "sd1" else sdxl_conditioning(pipe, prompts)
+    unet, cond = float64_copy(pipe, sd1_conditioning(pipe, prompts) if kind == "sd1" else sdxl_conditioning(pipe, prompts))
     targets = diffusers_tsam.pipeline_prompt_targets(pipe, prompts)
-    z = latents(2, seed=4)
-    before, gradient = diffusers_tsam.alignment_gradient(pipe.unet, z, TIMESTEP, cond, targets)
-    step = 1e-3 * float(z.norm()) / float(gradient.norm())  # a step of 0.1 % of |z|
-    result = diffusers_tsam.tsam_update(
-        pipe.unet, z, TIMESTEP, cond, targets, tsam.TsamSettings(enabled=True), step_size=step
-    )
-    torch.testing.assert_close(result.model_input, z - step * gradient)
-    torch.testing.assert_close(result.losses, before.unsqueeze(0))
-    after = diffusers_tsam.alignment_losses(pipe.unet, result.model_input, TIMESTEP, cond, targets)
-    assert torch.all(after < before), (before, after)
+    z = latents(2, seed=4, dtype=torch.float64)
+    before, gradient = diffusers_tsam.alignment_gradient(unet, z, TIMESTEP, cond, targets)
+    predicted_per_unit_step = (gradient**2).flatten(1).sum(dim=1)  # ‖g_i‖² per image
+    step = 2.5e-3 * float(z.norm()) / float(gradient.norm())  # moves z by 0.25 % of |z|
+    errors = []
+    for halvings in range(3):
+        h = step / 2**halvings
+        result = diffusers_tsam.tsam_update(unet, z, TIMESTEP, cond, targets, tsam.TsamSettings(enabled=True),
+                                            step_size=h)
+        assert torch.equal(result.model_input, z - h * gradient)
+        assert torch.equal(result.losses, before.unsqueeze(0))
+        after = diffusers_tsam.alignment_losses(unet, result.model_input, TIMESTEP, cond, targets)
+        decrease = before - after
+        assert torch.all(decrease > 0), (h, before, after)
+        errors.append(decrease / (h * predicted_per_unit_step) - 1)
+    for coarse, fine in zip(errors, errors[1:]):
+        assert torch.all((fine / coarse - 0.5).abs() <= coarse.abs()), errors
 
 
 def test_update_under_inference_mode_and_in_bfloat16(tiny_sd_pipe):
