@@ -219,7 +219,7 @@ def loop_official_loss(target, similarity) -> float:
 def loop_paper_loss(target, similarity) -> float:
     tokens = target.shape[0]
     total = 0.0
-    for i in range(1, tokens + 1):  # 1-indexed prompt tokens
+    for i in range(2, tokens + 1):  # 1-indexed prompt tokens; the official sum starts at the second
         row_sum = sum(float(similarity[i - 1, k - 1]) for k in range(1, i + 1))
         for j in range(1, i + 1):
             total += (i / tokens) * abs(float(target[i - 1, j - 1]) - float(similarity[i - 1, j - 1]) / row_sum)
@@ -288,6 +288,19 @@ def test_official_schedule_at_50_steps():
         for step in range(50)
     ]
     assert counts == [21 if step in (0, 10, 20) else 1 if step < 30 else 0 for step in range(50)]
+
+
+def test_official_update_count_on_a_51_timestep_schedule():
+    """PNDM yields 51 timesteps for 50 steps; the official code still updates at i < 30 only, with
+    α from a 51-entry linspace."""
+    settings = tsam.TsamSettings(enabled=True)
+    plans = [settings.step_plan(step, 51, 50) for step in range(51)]
+    assert [step for step, plan in enumerate(plans) if plan.updates] == list(range(30))
+    assert [plan.updates for plan in plans[:30]] == [21 if step in (0, 10, 20) else 1 for step in range(30)]
+    expected = 5.0 * torch.linspace(1.0, 0.5, 51, dtype=torch.float64).sqrt()
+    assert all(abs(plans[step].step_size - float(expected[step])) < 1e-12 for step in range(30))
+    assert tsam.active_step_count(50, 0.6) == 30 and tsam.active_step_count(51, 0.6) == 31
+    assert tsam.active_step_count(20, 0.6) == 12 and tsam.active_step_count(7, 0.0) == 0
 
 
 def test_schedule_scales_to_other_step_counts():

@@ -466,3 +466,32 @@ def test_generate_runs_tsam_and_off_changes_nothing(tiny_sd_pipe, fresh_unet_fac
     context = torch.randn(1, 77, tiny_sd_pipe.unet.config.cross_attention_dim)
     with torch.no_grad():
         assert torch.equal(tiny_sd_pipe.unet(probe, 10, context).sample, fresh_unet_factory("sd1")(probe, 10, context).sample)
+
+
+@pytest.mark.parametrize("scheduler_name", ["euler", "pndm"])
+def test_default_settings_update_30_of_50_steps_whatever_the_timestep_count(tiny_sd_pipe, monkeypatch, scheduler_name):
+    """The official code updates the latent at steps i < 30 of 50 (plus refinement iterations at
+    steps 0, 10, 20), also on PNDM, which yields 51 timesteps for 50 steps. Default settings but
+    for 2 refinement iterations instead of 20 (only their placement is checked; CI time)."""
+    from diffusers import PNDMScheduler
+
+    from seg_tsam.extension.adapters import diffusers_pipeline
+
+    pipe = copy.copy(tiny_sd_pipe)
+    if scheduler_name == "pndm":
+        pipe.scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, skip_prk_steps=True)
+    updates = []
+    real_update = diffusers_pipeline.tsam_update
+
+    def counting_update(unet, model_input, timestep, *args, iterations, **kwargs):
+        updates.append((int(timestep), iterations))
+        return real_update(unet, model_input, timestep, *args, iterations=iterations, **kwargs)
+
+    monkeypatch.setattr(diffusers_pipeline, "tsam_update", counting_update)
+    diffusers_pipeline.generate(pipe, "a red cat and a blue dog", tsam=tsam.TsamSettings(enabled=True, refinement_iterations=2), steps=50,
+                                height=40, width=40, output_type="latent")
+    schedule = [int(t) for t in pipe.scheduler.timesteps]
+    assert len(schedule) == (51 if scheduler_name == "pndm" else 50)
+    assert [timestep for timestep, _ in updates] == schedule[:30]
+    assert [iterations for _, iterations in updates] == [3 if i in (0, 10, 20) else 1 for i in range(30)]

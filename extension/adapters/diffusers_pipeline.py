@@ -165,7 +165,7 @@ def generate(
     with QueryBlurPatch(layers) if use_seg else contextlib.nullcontext() as patch:
         for index, timestep in enumerate(timesteps):
             model_input = scheduler.scale_model_input(latents, timestep)
-            plan = tsam.step_plan(index, len(timesteps)) if use_tsam else None
+            plan = tsam.step_plan(index, len(timesteps), steps) if use_tsam else None
             if plan is not None and plan.updates:
                 update = tsam_update(unet, model_input, timestep, cond, targets, tsam,
                                      step_size=plan.step_size, iterations=plan.updates)

@@ -21,7 +21,7 @@ math as pure functions, framework-free:
   coarse layers, no re-softmax) smoothed by the Attend-and-Excite 3×3 Gaussian, then the
   cosine similarity of every pair of flattened maps.
 - **Losses** (:func:`official_loss`, :func:`paper_loss`) and the **schedule**
-  (:func:`step_size`, :func:`is_active_step`, :func:`refinement_step_indices`,
+  (:func:`step_size`, :func:`active_step_count`, :func:`is_active_step`, :func:`refinement_step_indices`,
   :func:`updates_at_step`), and the validated :class:`TsamSettings`.
 
 Everything is computed in the dtype of its inputs; callers pass float32 (or float64 in
@@ -253,22 +253,26 @@ def official_loss(target: torch.Tensor, similarity: torch.Tensor) -> torch.Tenso
 
 
 def paper_loss(target: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
-    """The paper's L1 form: ``Σ_i Σ_{j≤i} (i/L)·|T_ij − S̄_ij|``, ``S̄_ij = S_ij / Σ_{k≤i} S_ik``.
+    """The paper's L1 form as the official code sums it: ``Σ_{i=2}^{L} Σ_{j≤i} (i/L)·|T_ij − S̄_ij|``,
+    ``S̄_ij = S_ij / Σ_{k≤i} S_ik``.
 
     ``i = 1 … L`` counts prompt tokens from 1 (0-indexed row ``r`` weighs ``(r+1)/L``), the
-    diagonal is included (``S_ii = 1``). ``T`` is the target as built here: the power applied
-    before the row normalisation (as the official code's variant; the paper writes the
-    power of an already normalised T). Use ``power=4`` for the paper's γ.
+    diagonal is included (``S_ii = 1``). The official code
+    (``_compute_self_attn_loss_cos_attn_like``) starts at the second token: the first row
+    holds only its diagonal, a constant ``|T_11 − 1|/L`` with no gradient, and is not counted.
+    ``T`` is the target as built here: the power applied before the row normalisation (as the
+    official code's variant; the paper writes the power of an already normalised T). Use
+    ``power=4`` for the paper's γ.
     """
     tokens = target.shape[0]
-    if tokens == 0:
+    if tokens < 2:
         return target.new_zeros(())
     upto = torch.ones(tokens, tokens, dtype=torch.bool, device=target.device).tril()  # j ≤ i
     s = torch.where(upto, similarity, torch.zeros_like(similarity))
     s_normalised = s / s.sum(dim=-1, keepdim=True)  # row sums ≥ 1 (diagonal 1, cosines ≥ 0)
     t = torch.where(upto, target, torch.zeros_like(target))
     weights = torch.arange(1, tokens + 1, dtype=target.dtype, device=target.device) / tokens
-    return (weights * (t - s_normalised).abs().sum(dim=-1)).sum()
+    return (weights * (t - s_normalised).abs().sum(dim=-1))[1:].sum()
 
 
 _LOSSES = {"official": official_loss, "paper": paper_loss}
@@ -324,16 +328,30 @@ def step_size(scale: float, step: int, total_steps: int) -> float:
     return scale * math.sqrt(fraction)
 
 
-def is_active_step(step: int, total_steps: int, active_fraction: float) -> bool:
-    """Whether step ``step`` (0-based) updates the latent: ``step / N < active_fraction``.
+def active_step_count(requested_steps: int, active_fraction: float) -> int:
+    """How many steps update the latent: the steps ``i`` with ``i / requested_steps < active_fraction``.
 
-    The official 30 of 50 steps is ``active_fraction = 0.6``; with 20 steps that is steps 0…11.
+    Counted against the step count the user asked for, not the sampler's timestep count: the
+    official code updates at ``i < 30`` of a 50-step run whose PNDM scheduler yields 51
+    timesteps, exactly 30 updates, which ``active_fraction = 0.6`` of 50 requested steps gives
+    on a 50- or a 51-timestep schedule alike. With 20 steps that is steps 0…11.
     """
-    return total_steps > 0 and 0 <= step < total_steps and step / total_steps < active_fraction
+    if requested_steps <= 0 or active_fraction <= 0:
+        return 0
+    return sum(1 for step in range(requested_steps) if step / requested_steps < active_fraction)
+
+
+def is_active_step(step: int, total_steps: int, active_fraction: float, requested_steps: int | None = None) -> bool:
+    """Whether step ``step`` (0-based) of a ``total_steps``-timestep schedule updates the latent:
+    ``step < active_step_count(requested_steps, active_fraction)`` (``requested_steps`` defaults to
+    ``total_steps``)."""
+    requested = total_steps if requested_steps is None else requested_steps
+    return 0 <= step < total_steps and step < active_step_count(requested, active_fraction)
 
 
 def refinement_step_indices(fractions: Sequence[float], total_steps: int) -> frozenset[int]:
-    """Steps that run the refinement loop: the nearest step ``⌊f·N + ½⌋`` to each fraction ``f``.
+    """Steps that run the refinement loop: the nearest step ``⌊f·N + ½⌋`` to each fraction ``f``
+    of ``N = total_steps`` (pass the requested step count, see :func:`active_step_count`).
 
     The official steps 0, 10, 20 of 50 are the fractions 0, 0.2, 0.4 (:data:`DEFAULT_REFINEMENT_FRACTIONS`);
     with 20 steps they land on 0, 4, 8.
@@ -350,16 +368,20 @@ def updates_at_step(
     iterations: int,
     refinement_fractions: Sequence[float],
     refinement_iterations: int,
+    requested_steps: int | None = None,
 ) -> int:
     """Gradient updates of the latent at ``step``: 0 outside the active part, else ``iterations``,
     plus ``refinement_iterations`` at refinement steps.
 
-    The official code runs, at its refinement steps, an inner loop (20–30 updates; we use a
-    fixed count instead of its token-count-specific thresholds) and then its regular update.
+    ``total_steps`` is the sampler's timestep count, ``requested_steps`` the step count the user
+    asked for (default: the same); the active part and the refinement steps are counted against
+    the latter. The official code runs, at its refinement steps, an inner loop (20–30 updates;
+    we use a fixed count instead of its token-count-specific thresholds) and then its regular update.
     """
-    if not is_active_step(step, total_steps, active_fraction):
+    requested = total_steps if requested_steps is None else requested_steps
+    if not is_active_step(step, total_steps, active_fraction, requested):
         return 0
-    refine = step in refinement_step_indices(refinement_fractions, total_steps)
+    refine = step in refinement_step_indices(refinement_fractions, requested)
     return iterations + (refinement_iterations if refine else 0)
 
 
@@ -470,8 +492,10 @@ class TsamSettings:
         """False when T-SAM would change nothing (off, strength 0 or no active step)."""
         return self.enabled and self.strength > 0 and self.active_fraction > 0
 
-    def step_plan(self, step: int, total_steps: int) -> TsamStepPlan:
-        """Updates and step size at ``step`` (0-based) of a ``total_steps``-step schedule."""
+    def step_plan(self, step: int, total_steps: int, requested_steps: int | None = None) -> TsamStepPlan:
+        """Updates and step size at ``step`` (0-based) of a ``total_steps``-timestep schedule run for
+        ``requested_steps`` requested steps (default: ``total_steps``; see :func:`active_step_count`).
+        The step size follows the official ``linspace`` over all ``total_steps`` timesteps."""
         if not self.has_effect:
             return TsamStepPlan(0, 0.0)
         updates = updates_at_step(
@@ -481,6 +505,7 @@ class TsamSettings:
             iterations=self.iterations,
             refinement_fractions=self.refinement_fractions,
             refinement_iterations=self.refinement_iterations,
+            requested_steps=requested_steps,
         )
         return TsamStepPlan(updates, step_size(self.strength, step, total_steps) if updates else 0.0)
 
