@@ -12,7 +12,7 @@ _loader = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_loader)
 _loader.register_package(REPO_ROOT)
 
-from seg_tsam.extension.adapters import tiny_models as tm  # noqa: E402
+from seg_tsam.extension.adapters.diffusers import tiny_models as tm  # noqa: E402
 
 #: Random-weight UNet configs: the tests' tiny SD1 layout and the real SD1.5 / SDXL sizes.
 CONFIGS = {"tiny": tm.TINY_SD1_UNET_CONFIG, "sd15": tm.SD15_UNET_CONFIG, "sdxl": tm.SDXL_UNET_CONFIG}

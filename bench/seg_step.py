@@ -5,7 +5,7 @@ Run from the repository root (no timing assertions; it only prints):
     .venv/bin/python bench/seg_step.py --models tiny,sd15                    # CPU
     python bench/seg_step.py --models sd15,sdxl --device cuda                # GPU, fp16
 
-Each step is ``guided_prediction`` (extension/adapters/diffusers_pipeline.py) on random latents
+Each step is ``guided_prediction`` (extension/adapters/diffusers/pipeline.py) on random latents
 and random text states, timed round-robin over the variants (the order rotates every round),
 median over ``--repeats`` rounds after ``--warmup`` rounds. First table, absolute times in ms:
 
@@ -35,9 +35,9 @@ import torch
 
 from bench_setup import CONFIGS, DEFAULT_SIZE, table  # also registers the seg_tsam package
 
-from seg_tsam.extension.adapters import tiny_models as tm  # noqa: E402
-from seg_tsam.extension.adapters.diffusers_conditioning import RowConditioning  # noqa: E402
-from seg_tsam.extension.adapters.diffusers_pipeline import guided_prediction  # noqa: E402
+from seg_tsam.extension.adapters.diffusers import tiny_models as tm  # noqa: E402
+from seg_tsam.extension.adapters.diffusers.conditioning import RowConditioning  # noqa: E402
+from seg_tsam.extension.adapters.diffusers.pipeline import guided_prediction  # noqa: E402
 from seg_tsam.extension.adapters.unet_layers import self_attention_layers  # noqa: E402
 from seg_tsam.extension.core.blur import blur_queries  # noqa: E402
 from seg_tsam.extension.core.layers import select_layers  # noqa: E402

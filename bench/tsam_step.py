@@ -31,10 +31,10 @@ import torch
 
 from bench_setup import CONFIGS, DEFAULT_SIZE  # also registers the seg_tsam package
 
-from seg_tsam.extension.adapters import tiny_models as tm  # noqa: E402
-from seg_tsam.extension.adapters.diffusers_conditioning import RowConditioning  # noqa: E402
-from seg_tsam.extension.adapters.diffusers_pipeline import generate  # noqa: E402
-from seg_tsam.extension.adapters.diffusers_tsam import tsam_update  # noqa: E402
+from seg_tsam.extension.adapters.diffusers import tiny_models as tm  # noqa: E402
+from seg_tsam.extension.adapters.diffusers.conditioning import RowConditioning  # noqa: E402
+from seg_tsam.extension.adapters.diffusers.pipeline import generate  # noqa: E402
+from seg_tsam.extension.adapters.diffusers.tsam import tsam_update  # noqa: E402
 from seg_tsam.extension.core import tsam  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters.diffusers_pipeline import generate
+from .adapters.diffusers.pipeline import generate
 from .core.settings import SegSettings, SettingsError
 from .core.tsam import TsamSettings
 
@@ -48,7 +48,7 @@ def load_pipeline(model: str | None, device: torch.device):
     """The pipeline to run: tiny random weights, a single checkpoint file, or ``from_pretrained``."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if model is None:
-        from .adapters.tiny_models import tiny_sd_pipeline
+        from .adapters.diffusers.tiny_models import tiny_sd_pipeline
 
         return tiny_sd_pipeline().to(device)
     if Path(model).is_file():

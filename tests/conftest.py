@@ -21,7 +21,7 @@ def _load_loader():
 loader = _load_loader()
 loader.register_package(REPO_ROOT)
 
-from seg_tsam.extension.adapters import tiny_models  # noqa: E402
+from seg_tsam.extension.adapters.diffusers import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")

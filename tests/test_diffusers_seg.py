@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from seg_tsam.extension.adapters.diffusers_pipeline import encode_prompts, generate, guided_prediction
+from seg_tsam.extension.adapters.diffusers.pipeline import encode_prompts, generate, guided_prediction
 from seg_tsam.extension.adapters.unet_layers import self_attention_layers
 from seg_tsam.extension.core.layers import select_layers
 from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch
@@ -130,7 +130,7 @@ def unet_output(unet, seed=1):
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_model_is_bit_identical_after_seg_generation_and_after_a_failure(kind, fresh_unet_factory):
-    from seg_tsam.extension.adapters import tiny_models
+    from seg_tsam.extension.adapters.diffusers import tiny_models
 
     pipe = tiny_models.tiny_sd_pipeline() if kind == "sd1" else tiny_models.tiny_sdxl_pipeline()
     reference = unet_output(fresh_unet_factory(kind))
@@ -176,7 +176,7 @@ def test_active_range_limits_the_guided_steps(tiny_sd_pipe):
 
 
 def test_fused_projections_are_refused():
-    from seg_tsam.extension.adapters import tiny_models
+    from seg_tsam.extension.adapters.diffusers import tiny_models
 
     unet = tiny_models.tiny_unet(tiny_models.TINY_SD1_UNET_CONFIG)
     unet.fuse_qkv_projections()

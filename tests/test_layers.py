@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seg_tsam.extension.adapters import tiny_models
+from seg_tsam.extension.adapters.diffusers import tiny_models
 from seg_tsam.extension.adapters.unet_layers import self_attention_layers
 from seg_tsam.extension.core.layers import LayerSpecError, resolve_layer_spec, select_layers
 

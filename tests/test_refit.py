@@ -47,7 +47,7 @@ from seg_tsam.export.refit import (
 )
 from seg_tsam.export.seg_unet import SegExportUNet, blur_matrix_inputs, example_conditioning
 from seg_tsam.export.trt_refit import refit_engine
-from seg_tsam.extension.adapters import tiny_models
+from seg_tsam.extension.adapters.diffusers import tiny_models
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 1e-2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from seg_tsam.extension.core.rows import StepRows, plan_seg_rows
+from seg_tsam.extension.adapters.a1111.step_rows import StepRows
+from seg_tsam.extension.adapters.diffusers.rows import plan_seg_rows
 
 
 def test_diffusers_plan():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from seg_tsam.extension.adapters import tiny_models
+from seg_tsam.extension.adapters.diffusers import tiny_models
 from seg_tsam.extension.core import tsam
 from seg_tsam.extension.core.settings import SettingsError
 

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from seg_tsam.extension.adapters import diffusers_tsam, tiny_models
-from seg_tsam.extension.adapters.diffusers_conditioning import RowConditioning
+from seg_tsam.extension.adapters.diffusers import tsam as diffusers_tsam
+from seg_tsam.extension.adapters.diffusers import tiny_models
+from seg_tsam.extension.adapters.diffusers.conditioning import RowConditioning
 from seg_tsam.extension.core import tsam
 from seg_tsam.extension.core.layers import grid_at_level
 
@@ -448,7 +449,7 @@ def test_model_input_scale_is_c_in():
 def test_generate_runs_tsam_and_off_changes_nothing(tiny_sd_pipe, fresh_unet_factory):
     """Through the generation entry point: T-SAM on changes the result, off (or strength 0) does
     not, it combines with SEG, and the UNet is untouched afterwards."""
-    from seg_tsam.extension.adapters.diffusers_pipeline import generate
+    from seg_tsam.extension.adapters.diffusers.pipeline import generate
     from seg_tsam.extension.core.settings import SegSettings
     from seg_tsam.extension.core.tsam import TsamSettings
 
@@ -475,7 +476,7 @@ def test_default_settings_update_30_of_50_steps_whatever_the_timestep_count(tiny
     for 2 refinement iterations instead of 20 (only their placement is checked; CI time)."""
     from diffusers import PNDMScheduler
 
-    from seg_tsam.extension.adapters import diffusers_pipeline
+    from seg_tsam.extension.adapters.diffusers import pipeline as diffusers_pipeline
 
     pipe = copy.copy(tiny_sd_pipe)
     if scheduler_name == "pndm":

@@ -33,7 +33,7 @@ from seg_tsam.export.seg_unet import SegExportUNet  # noqa: E402
 from seg_tsam.export.trt_runtime import RegistryEngines  # noqa: E402
 from seg_tsam.export.refit import sidecar_path, weight_map  # noqa: E402
 from seg_tsam.export.unet_runtime import CHECKPOINT_WEIGHTS, EngineCannotRun, ReplacementUNet, UNetWeights  # noqa: E402
-from seg_tsam.extension.adapters import tiny_models  # noqa: E402
+from seg_tsam.extension.adapters.diffusers import tiny_models  # noqa: E402
 from seg_tsam.extension.adapters.unet_layers import self_attention_layers  # noqa: E402
 from seg_tsam.extension.core.layers import select_layers  # noqa: E402
 from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch  # noqa: E402

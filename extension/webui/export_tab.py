@@ -1,8 +1,8 @@
 """The "SEG Export" tab and the ``/seg-tsam/*`` API routes.
 
 Imported only inside the WebUI. Handlers are thin: widgets or JSON become an
-:class:`~seg_tsam.export.webui_export.ExportRequest`, the work is done by
-``export/webui_export.py``, and exceptions become a message (tab) or a status code (API).
+:class:`~seg_tsam.extension.webui.export_service.ExportRequest`, the work is done by
+``extension/webui/export_service.py``, and exceptions become a message (tab) or a status code (API).
 onnx, onnxruntime and tensorrt are never imported while the UI is built: the tab only asks
 ``importlib.util.find_spec`` whether they are installed, and offers to install them (never at
 start-up); TensorRT's real availability (a CUDA device it can use) is checked when an export
@@ -25,10 +25,10 @@ from fastapi import Body, FastAPI, HTTPException
 from modules import paths, script_callbacks, sd_unet, shared
 from modules.call_queue import queue_lock
 
-from ...export import webui_export
+from . import export_service
 from ...export.profiles import PRESETS
 from ...export.tensorrt_package import TensorRTOffer, tensorrt_offer
-from ...export.webui_export import (
+from .export_service import (
     ENGINE_COLUMNS,
     EXPORT_COLUMNS,
     NO_TENSORRT_HINT,
@@ -73,7 +73,7 @@ def _state_progress(fraction: float, text: str) -> None:
     shared.state.textinfo = f"SEG export: {text}"
 
 
-def run_export(request: ExportRequest, progress=_state_progress) -> webui_export.ExportResult:
+def run_export(request: ExportRequest, progress=_state_progress) -> export_service.ExportResult:
     """Export under the WebUI's queue lock, so no generation runs on the model meanwhile."""
     with queue_lock:
         shared.state.begin(job="seg_export")
@@ -82,7 +82,7 @@ def run_export(request: ExportRequest, progress=_state_progress) -> webui_export
             # the WebUI routes every UNet call to); the next generation applies the setting again.
             sd_unet.apply_unet("None")
             with checkpoint_weights():  # not the LoRA weights a previous generation left applied
-                result = webui_export.export_current_checkpoint(
+                result = export_service.export_current_checkpoint(
                     shared.sd_model, request, models_dir=_models_dir(), attention_path=plain_attention,
                     progress=progress
                 )
@@ -139,7 +139,7 @@ def _table(columns: tuple[str, ...], rows: list[list[Any]]) -> dict[str, Any]:
 
 def _engine_table() -> dict[str, Any]:
     try:
-        rows = webui_export.engine_rows(webui_export.list_engines(_models_dir()))
+        rows = export_service.engine_rows(export_service.list_engines(_models_dir()))
     except ExportFailed as error:
         logger.warning("SEG export: %s", error)
         rows = []
@@ -161,12 +161,12 @@ def _on_export(preset, layers, precision, build_engine, *custom):
 
 
 def _export_table() -> dict[str, Any]:
-    return _table(EXPORT_COLUMNS, webui_export.export_rows(webui_export.list_exports(_models_dir())))
+    return _table(EXPORT_COLUMNS, export_service.export_rows(export_service.list_exports(_models_dir())))
 
 
 def _on_delete_export(onnx_file: str):
     try:
-        deleted = webui_export.delete_export(_models_dir(), (onnx_file or "").strip())
+        deleted = export_service.delete_export(_models_dir(), (onnx_file or "").strip())
         sd_unet.list_unets()
         message = f"Deleted the ONNX export `{deleted['onnx_file']}` ({', '.join(deleted['removed'])})."
     except (ExportRequestError, ExportNotFound, ExportFailed) as error:
@@ -176,7 +176,7 @@ def _on_delete_export(onnx_file: str):
 
 def _on_delete(engine_id: str):
     try:
-        entry = webui_export.delete_engine(_models_dir(), (engine_id or "").strip())
+        entry = export_service.delete_engine(_models_dir(), (engine_id or "").strip())
         sd_unet.list_unets()
         message = f"Deleted engine `{entry['id']}` ({entry['engine_file']})."
     except (ExportRequestError, EngineNotFound, ExportFailed) as error:
@@ -231,8 +231,8 @@ def on_ui_tabs():
         with gr.Row():
             preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=next(iter(PRESETS)),
                                  elem_id="seg_export_preset")
-            layers = gr.Textbox(label="SEG layers", value=webui_export.DEFAULT_LAYERS, elem_id="seg_export_layers")
-            precision = gr.Radio(label="Precision", choices=list(webui_export.PRECISIONS), value="fp16",
+            layers = gr.Textbox(label="SEG layers", value=export_service.DEFAULT_LAYERS, elem_id="seg_export_layers")
+            precision = gr.Radio(label="Precision", choices=list(export_service.PRECISIONS), value="fp16",
                                  elem_id="seg_export_precision")
             build_engine = gr.Checkbox(label="Build TensorRT engine", value=True, elem_id="seg_export_build")
         with gr.Accordion("Custom ranges (profile 'Custom')", open=False):
@@ -292,23 +292,23 @@ def _api_export(body: Any = Body(...)) -> dict[str, Any]:
 
 def _api_engines() -> dict[str, Any]:
     with _http_errors():
-        return {"engines": webui_export.list_engines(_models_dir())}
+        return {"engines": export_service.list_engines(_models_dir())}
 
 
 def _api_delete(engine_id: str) -> dict[str, Any]:
     with _http_errors():
-        deleted = webui_export.delete_engine(_models_dir(), engine_id)
+        deleted = export_service.delete_engine(_models_dir(), engine_id)
     sd_unet.list_unets()
     return {"deleted": deleted}
 
 
 def _api_exports() -> dict[str, Any]:
-    return {"exports": webui_export.list_exports(_models_dir())}
+    return {"exports": export_service.list_exports(_models_dir())}
 
 
 def _api_delete_export(onnx_file: str) -> dict[str, Any]:
     with _http_errors():
-        deleted = webui_export.delete_export(_models_dir(), onnx_file)
+        deleted = export_service.delete_export(_models_dir(), onnx_file)
     sd_unet.list_unets()
     return {"deleted": deleted}
 
@@ -320,7 +320,7 @@ def _api_status() -> dict[str, Any]:
             "onnxruntime_installed": package_installed("onnxruntime"),
             "tensorrt_installed": package_installed("tensorrt"),
             "tensorrt_offer": {"requirement": offer.requirement, "reason": offer.reason},
-            "presets": list(PRESETS), "precisions": list(webui_export.PRECISIONS)}
+            "presets": list(PRESETS), "precisions": list(export_service.PRECISIONS)}
 
 
 def on_app_started(_demo, app: FastAPI) -> None:

@@ -20,7 +20,7 @@ from ..core.layers import LayerSpecError, select_layers
 from ..core.settings import INFOTEXT_KEYS, SEG_MODES, SegSettings, SettingsError
 from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
 from .seg_args import settings_from_args
-from .seg_runtime import SegGeneration
+from ..adapters.a1111.seg_sampling import SegGeneration
 
 logger = logging.getLogger("seg_tsam")
 

@@ -18,14 +18,14 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 from PIL import Image, ImageDraw, ImageFont
 
-from ..adapters import ldm_tsam
+from ..adapters.a1111 import ldm_tsam
 from ..core import tsam
 from ..core.settings import SettingsError
 from ..core.tsam import LOSS_MODES, TsamSettings
 from ..core.tsam_infotext import INFOTEXT_KEYS, to_infotext
 from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
 from .tsam_args import settings_from_args
-from .tsam_runtime import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
+from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
 logger = logging.getLogger("seg_tsam")
 
@@ -176,8 +176,10 @@ def _wrap_sampling(p, settings: TsamSettings) -> None:
 
     def sample(*args, **kwargs):
         refuse_foreign_replacement(TITLE, TsamError)
-        generation = TsamGeneration(settings, owner=p, should_stop=_interrupted,
-                                    context_transform=_hypernetwork_context)
+        from modules import prompt_parser  # noqa: PLC0415
+
+        generation = TsamGeneration(settings, reconstruct_cond=prompt_parser.reconstruct_multicond_batch, owner=p,
+                                    should_stop=_interrupted, context_transform=_hypernetwork_context)
         with generation:
             _Active.generation = generation
             try:

@@ -33,10 +33,10 @@ from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports
 from ...export.ort_session import OnnxExportSessions, onnxruntime_providers
 from ...export.registry import EngineEntry, EngineRegistry, RegistryError
 from ...export.unet_runtime import EngineCannotRun, ReplacementUNet, SessionChooser
-from ...export.webui_export import checkpoint_facts, engine_folder, onnx_folder
+from .export_service import checkpoint_facts, engine_folder, onnx_folder
 from .common import REPLACEMENT_UNET_MARKER, package_installed
 from .lora_weights import current_weights
-from .seg_runtime import active_blur
+from ..adapters.a1111.seg_sampling import active_blur
 
 logger = logging.getLogger("seg_tsam")
 

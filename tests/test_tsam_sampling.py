@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_tsam.extension.adapters import ldm_tsam, tiny_models
+from seg_tsam.extension.adapters.a1111 import ldm_tsam
+from seg_tsam.extension.adapters.diffusers import tiny_models
 from seg_tsam.extension.core import tsam, tsam_descent
 from seg_tsam.extension.core.tsam import TsamSettings
-from seg_tsam.extension.webui import tsam_runtime
-from seg_tsam.extension.webui.tsam_runtime import TsamGeneration
+from seg_tsam.extension.adapters.a1111 import tsam_sampling
+from seg_tsam.extension.adapters.a1111.tsam_sampling import TsamGeneration
 
 # --------------------------------------------------------------------------------------------
 # A k-diffusion-style sampler around a CFGDenoiser-like module
@@ -78,7 +79,7 @@ class ShiftingGeneration(TsamGeneration):
     """The real hooks and bookkeeping, with the T-SAM update replaced by ``x + 1``."""
 
     def __init__(self, settings):
-        super().__init__(settings)
+        super().__init__(settings, reconstruct_cond=None)  # aligned_latent, which reads the cond, is replaced
         self.updated_steps: list[int] = []
 
     def aligned_latent(self, denoiser, x, sigma, cond, image_cond, *, step, total, step_size, iterations):
@@ -237,7 +238,7 @@ class _null_context:
 
 
 def test_each_image_uses_the_text_of_its_active_prompt_editing_entry():
-    generation = TsamGeneration(TsamSettings(enabled=True))
+    generation = TsamGeneration(TsamSettings(enabled=True), reconstruct_cond=None)
     generation._image_texts = [["a cat", "a dog"], ["a car"]]
     schedules = [SimpleNamespace(end_at_step=3), SimpleNamespace(end_at_step=10)]
     cond = SimpleNamespace(batch=[[SimpleNamespace(schedules=schedules)], [SimpleNamespace(schedules=schedules[1:])]])
@@ -248,11 +249,11 @@ def test_each_image_uses_the_text_of_its_active_prompt_editing_entry():
 
 def test_unet_condition_layouts():
     text, image = torch.zeros(1, 77, 8), torch.zeros(1, 5, 1, 1)
-    assert tsam_runtime.unet_condition(text, image, "crossattn") == {"c_crossattn": [text], "c_concat": [image]}
-    assert tsam_runtime.unet_condition(text, image, "crossattn-adm") == {"c_crossattn": [text], "c_adm": image}
+    assert tsam_sampling.unet_condition(text, image, "crossattn") == {"c_crossattn": [text], "c_concat": [image]}
+    assert tsam_sampling.unet_condition(text, image, "crossattn-adm") == {"c_crossattn": [text], "c_adm": image}
     sdxl = {"crossattn": text, "vector": torch.zeros(1, 4)}
-    assert tsam_runtime.unet_condition(sdxl, image, "crossattn") == {**sdxl, "c_concat": [image]}
-    rows = tsam_runtime.select_rows({"crossattn": torch.arange(3.0).view(3, 1), "vector": torch.arange(3.0)}, [2, 0])
+    assert tsam_sampling.unet_condition(sdxl, image, "crossattn") == {**sdxl, "c_concat": [image]}
+    rows = tsam_sampling.select_rows({"crossattn": torch.arange(3.0).view(3, 1), "vector": torch.arange(3.0)}, [2, 0])
     assert rows["crossattn"].flatten().tolist() == [2.0, 0.0] and rows["vector"].tolist() == [2.0, 0.0]
 
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from ..adapters.unet_layers import self_attention_layers
-from ..core.guidance import seg_cond_term, seg_uncond_term
-from ..core.layers import select_layers
-from ..core.query_blur_patch import ActiveBlur, QueryBlurPatch
-from ..core.rows import StepRows
-from ..core.settings import SegSettings
+from ..unet_layers import self_attention_layers
+from ...core.guidance import seg_cond_term, seg_uncond_term
+from ...core.layers import select_layers
+from ...core.query_blur_patch import ActiveBlur, QueryBlurPatch
+from .step_rows import StepRows
+from ...core.settings import SegSettings
 
 logger = logging.getLogger("seg_tsam")
 

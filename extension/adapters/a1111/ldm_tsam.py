@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import tsam
-from ..core.tsam import ChunkTarget, PromptTarget
-from ..core.attention_capture import AttentionCapture, frozen_parameters
-from .diffusers_tsam import no_new_capture_hooks
+from ...core import tsam
+from ...core.tsam import ChunkTarget, PromptTarget
+from ...core.attention_capture import AttentionCapture, frozen_parameters
+from ..text_attention import no_new_capture_hooks
 
 logger = logging.getLogger("seg_tsam")
 

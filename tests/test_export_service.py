@@ -1,4 +1,4 @@
-"""The WebUI export service (``export/webui_export.py``) without a running WebUI.
+"""The WebUI export service (``extension/webui/export_service.py``) without a running WebUI.
 
 Request validation, derived names and engine listing/deletion are pure; the export itself runs
 on a tiny ldm UNet from a WebUI checkout's ``repositories/`` when ``SEG_TSAM_WEBUI_ROOT`` is set
@@ -11,12 +11,12 @@ import types
 
 import pytest
 
-from seg_tsam.export import webui_export
+from seg_tsam.extension.webui import export_service
 from seg_tsam.export.profiles import PRESETS, EngineProfile
 from seg_tsam.export.refit import refit_map_beside
 from seg_tsam.export.registry import EngineEntry, EngineKey, EngineRegistry
 from seg_tsam.export.onnx_exports import OnnxExportInfo, write_export_info
-from seg_tsam.export.webui_export import (
+from seg_tsam.extension.webui.export_service import (
     EngineNotFound,
     ExportNotFound,
     ExportRequest,
@@ -110,7 +110,7 @@ def test_checkpoint_facts():
     assert (sd2.family, sd2.short_hash) == ("sd2", "f00dfeed00")
     sdxl = checkpoint_facts(types.SimpleNamespace(sd_checkpoint_info=_info("1"), is_sdxl=True))
     assert (sdxl.flavour, sdxl.family) == ("sgm", "sdxl")
-    with pytest.raises(webui_export.ExportFailed, match="no checkpoint"):
+    with pytest.raises(export_service.ExportFailed, match="no checkpoint"):
         checkpoint_facts(None)
 
 
@@ -118,7 +118,7 @@ def test_checkpoint_facts():
 
 
 def _register(models_dir, checkpoint_hash="abcdef0123") -> EngineEntry:
-    folder = webui_export.engine_folder(models_dir)
+    folder = export_service.engine_folder(models_dir)
     folder.mkdir(parents=True, exist_ok=True)
     registry = EngineRegistry(folder)
     key = EngineKey(checkpoint_hash, PRESETS[SD1], "mid", "10.9.0", "8.6")
@@ -135,19 +135,19 @@ def test_list_and_delete_engines(tmp_path):
     engines = list_engines(tmp_path)
     assert [engine["id"] for engine in engines] == [entry.id] and engines[0]["file_present"]
     rows = engine_rows(engines)
-    assert rows[0][0] == entry.id and len(rows[0]) == len(webui_export.ENGINE_COLUMNS)
+    assert rows[0][0] == entry.id and len(rows[0]) == len(export_service.ENGINE_COLUMNS)
     with pytest.raises(EngineNotFound):
         delete_engine(tmp_path, "0" * 16)
     with pytest.raises(ExportRequestError):
         delete_engine(tmp_path, "../" + entry.engine_file)
     assert delete_engine(tmp_path, entry.id)["id"] == entry.id
     assert list_engines(tmp_path) == []
-    assert not (webui_export.engine_folder(tmp_path) / entry.engine_file).exists()
+    assert not (export_service.engine_folder(tmp_path) / entry.engine_file).exists()
 
 
 def test_missing_engine_file_is_listed_as_missing(tmp_path):
     entry = _register(tmp_path)
-    (webui_export.engine_folder(tmp_path) / entry.engine_file).unlink()
+    (export_service.engine_folder(tmp_path) / entry.engine_file).unlink()
     engines = list_engines(tmp_path)
     assert not engines[0]["file_present"] and engine_rows(engines)[0][-1].endswith("(missing)")
 
@@ -162,7 +162,7 @@ def _write_export(models_dir, name: str, *, external: bool, refit_map: bool) -> 
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    folder = webui_export.onnx_folder(models_dir)
+    folder = export_service.onnx_folder(models_dir)
     folder.mkdir(parents=True, exist_ok=True)
     weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
@@ -189,14 +189,14 @@ def test_exports_are_listed_and_deleted_with_all_their_files(tmp_path):
                                       "export again"]
     deleted = delete_export(tmp_path, big[0])
     assert sorted(deleted["removed"]) == sorted(big) and deleted["onnx_file"] == big[0]
-    remaining = sorted(p.name for p in webui_export.onnx_folder(tmp_path).iterdir())
+    remaining = sorted(p.name for p in export_service.onnx_folder(tmp_path).iterdir())
     assert remaining == sorted(small)
     assert [e["onnx_file"] for e in list_exports(tmp_path)] == [small[0]]
 
 
 def test_delete_finds_the_external_data_by_name_without_reading_the_model(tmp_path):
     written = _write_export(tmp_path, "abcdef0123_mid_fp16.onnx", external=True, refit_map=False)
-    folder = webui_export.onnx_folder(tmp_path)
+    folder = export_service.onnx_folder(tmp_path)
     (folder / written[0]).write_bytes(b"unreadable: the model is never parsed")
     left_by_a_crash = folder / f"{written[0]}.ffffffff.data"
     left_by_a_crash.write_bytes(b"data of an export this one replaced")
@@ -216,7 +216,7 @@ def test_delete_export_refuses_malformed_names(tmp_path, name):
 
 
 def test_delete_export_of_an_unlisted_file_is_not_found_and_touches_nothing(tmp_path):
-    folder = webui_export.onnx_folder(tmp_path)
+    folder = export_service.onnx_folder(tmp_path)
     folder.mkdir(parents=True)
     (folder / "stray_mid_fp32.onnx").write_bytes(b"not listed: no info file")
     for name in ("stray_mid_fp32.onnx", "abcdef0123_mid_fp32.onnx"):
@@ -252,7 +252,7 @@ def test_export_current_checkpoint_ldm(tmp_path, monkeypatch):
         assert result.static_check_ok and "OK" in result.static_check_summary
         assert not result.engine_built and result.engine_id is None
         assert result.engine_not_built_reason.startswith("tensorrt is not installed")
-        assert webui_export.NO_TENSORRT_HINT in result.engine_not_built_reason
+        assert export_service.NO_TENSORRT_HINT in result.engine_not_built_reason
         assert steps and hooked_modules(unet) == []
         refit_map = refit_map_beside(tmp_path / result.onnx_file)  # for LoRA: every UNet weight found in the file
         assert refit_map.problems(unet) == [] and not refit_map.unmapped

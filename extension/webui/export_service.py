@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .onnx_export import DEFAULT_OPSET, EXPORT_DTYPES, AttentionPath
-from .onnx_exports import OnnxExportInfo, list_onnx_exports, remove_onnx_export, write_export_info
-from .profiles import PRESETS, EngineProfile, ProfileError, preset_profile
-from .refit import RefitMap, sidecar_path, weight_map
-from .registry import EngineRegistry, RegistryError, normalize_layers
+from ...export.onnx_export import DEFAULT_OPSET, EXPORT_DTYPES, AttentionPath
+from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports, remove_onnx_export, write_export_info
+from ...export.profiles import PRESETS, EngineProfile, ProfileError, preset_profile
+from ...export.refit import RefitMap, sidecar_path, weight_map
+from ...export.registry import EngineRegistry, RegistryError, normalize_layers
 
 ONNX_FOLDER = "Unet-seg-onnx"
 ENGINE_FOLDER = "Unet-seg-trt"
@@ -269,10 +269,10 @@ def export_current_checkpoint(
     :class:`ExportRequestError` for a layer spec the model rejects and :class:`ExportFailed`
     for everything else; an existing export of the same name is replaced only by a complete one.
     """
-    from ..extension.core.layers import LayerSpecError
-    from .onnx_checks import check_onnx_for_tensorrt
-    from .onnx_export import OnnxExportError, export_onnx
-    from .seg_unet import SegExportUNet
+    from ..core.layers import LayerSpecError
+    from ...export.onnx_checks import check_onnx_for_tensorrt
+    from ...export.onnx_export import OnnxExportError, export_onnx
+    from ...export.seg_unet import SegExportUNet
 
     report = progress or _no_progress
     facts = checkpoint_facts(sd_model)
@@ -313,7 +313,7 @@ def export_current_checkpoint(
         return ExportResult(**result, engine_built=False,
                             engine_not_built_reason="the graph failed the TensorRT static check")
     if tensorrt_check is None:
-        from .engine_build import tensorrt_available as tensorrt_check
+        from ...export.engine_build import tensorrt_available as tensorrt_check
     ok, reason = tensorrt_check()
     if not ok:
         return ExportResult(**result, engine_built=False, engine_not_built_reason=f"{reason}. {NO_TENSORRT_HINT}")
@@ -336,9 +336,9 @@ def _build_and_register(onnx_path: Path, request: ExportRequest, facts: Checkpoi
     """
     import tensorrt  # only reached when tensorrt_available() said yes
 
-    from .engine_build import BuildOptions, EngineBuildError, build_unet_engine, current_compute_capability
-    from .profiles import model_family
-    from .registry import EngineEntry, EngineKey
+    from ...export.engine_build import BuildOptions, EngineBuildError, build_unet_engine, current_compute_capability
+    from ...export.profiles import model_family
+    from ...export.registry import EngineEntry, EngineKey
 
     folder = engine_folder(models_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,39 +1,6 @@
-"""Which batch rows a guided step runs, and where the SEG rows go.
-
-A step predicts ``cond`` rows (one per cond, all AND sub-prompts), optionally ``uncond`` rows
-(one per image, when CFG runs) and the SEG rows: a copy of the rows being smoothed, whose
-queries get blurred. Mode ``cond`` blurs copies of the cond rows, mode ``uncond`` copies of
-the uncond rows; with no uncond rows (CFG off or skipped) the only prediction is the cond
-one, so that is what gets blurred (paper Eq. 9).
-"""
+"""SEG's rows in one AUTOMATIC1111 denoiser call, laid out ``[cond rows…, uncond rows…]``."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class SegRows:
-    """The SEG rows appended after a batch of ``base_rows`` rows."""
-
-    source: tuple[int, ...]  #: row of the base batch each SEG row copies
-    blurs_uncond: bool  #: True when the copies are uncond rows (mode "uncond")
-
-    @property
-    def count(self) -> int:
-        return len(self.source)
-
-
-def plan_seg_rows(cond_rows: list[int], uncond_rows: list[int], mode: str) -> SegRows:
-    """Pick the rows to copy for the SEG pass.
-
-    ``cond_rows``/``uncond_rows`` are positions in the base batch, in image order for uncond.
-    """
-    if mode == "uncond" and uncond_rows:
-        return SegRows(tuple(uncond_rows), blurs_uncond=True)
-    if mode not in ("cond", "uncond"):
-        raise ValueError(f"unknown SEG mode {mode!r}")
-    return SegRows(tuple(cond_rows), blurs_uncond=False)
 
 
 class StepRows:

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from ..adapters import ldm_tsam
-from ..adapters.ldm_tsam import TextTarget
-from ..core import tsam_descent
-from ..core.tsam import TsamSettings
+from . import ldm_tsam
+from .ldm_tsam import TextTarget
+from ...core import tsam_descent
+from ...core.tsam import TsamSettings
 
 logger = logging.getLogger("seg_tsam")
 _MISSING = object()
@@ -123,9 +123,9 @@ class TsamGeneration:
         self,
         settings: TsamSettings,
         *,
+        reconstruct_cond: Callable,
         owner: object = None,
         should_stop: Callable[[], bool] | None = None,
-        reconstruct_cond: Callable | None = None,
         context_transform: ldm_tsam.ContextTransform | None = None,
     ):
         self.settings = settings
@@ -287,12 +287,7 @@ class TsamGeneration:
                 record.step_after = step
 
     def _reconstruct(self, cond, step: int):
-        reconstruct = self._reconstruct_cond
-        if reconstruct is None:
-            from modules import prompt_parser  # noqa: PLC0415  (the WebUI's own, lazily)
-
-            reconstruct = prompt_parser.reconstruct_multicond_batch
-        return reconstruct(cond, step)
+        return self._reconstruct_cond(cond, step)
 
     def _text_at(self, image: int, cond, step: int) -> str:
         texts = self._image_texts[image]

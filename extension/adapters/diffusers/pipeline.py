@@ -17,15 +17,15 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.guidance import seg_guidance, single_conds
-from ..core.layers import select_layers
-from ..core.query_blur_patch import QueryBlurPatch
-from ..core.rows import plan_seg_rows
-from ..core.settings import SegSettings
-from ..core.tsam import TsamSettings
-from .diffusers_conditioning import RowConditioning, concat_rows, is_sdxl
-from .diffusers_tsam import model_input_scale, pipeline_prompt_targets, tsam_update
-from .unet_layers import self_attention_layers
+from ...core.guidance import seg_guidance, single_conds
+from ...core.layers import select_layers
+from ...core.query_blur_patch import QueryBlurPatch
+from .rows import plan_seg_rows
+from ...core.settings import SegSettings
+from ...core.tsam import TsamSettings
+from .conditioning import RowConditioning, concat_rows, is_sdxl
+from .tsam import model_input_scale, pipeline_prompt_targets, tsam_update
+from ..unet_layers import self_attention_layers
 
 
 def guided_prediction(

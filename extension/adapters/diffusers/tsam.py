@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import tsam, tsam_descent
-from ..core.attention_capture import AttentionCapture, frozen_parameters
-from ..core.tsam import PromptTarget, TsamSettings
-from ..core.tsam_descent import UnetCall
-from .diffusers_conditioning import RowConditioning, is_sdxl
+from ...core import tsam, tsam_descent
+from ...core.attention_capture import AttentionCapture, frozen_parameters
+from ...core.tsam import PromptTarget, TsamSettings
+from ...core.tsam_descent import UnetCall
+from ..text_attention import eager_attention, no_new_capture_hooks
+from .conditioning import RowConditioning, is_sdxl
 
 logger = logging.getLogger("seg_tsam")
 
@@ -325,63 +326,6 @@ def model_input_scale(scheduler, timestep: torch.Tensor | float, like: torch.Ten
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eager_attention(text_encoder: nn.Module) -> Iterator[None]:
-    """Eager attention while inside (only eager returns probabilities), the previous setting after."""
-    config = getattr(text_encoder, "config", None)
-    previous = getattr(config, "_attn_implementation", None)
-    if previous in (None, "eager") or not hasattr(text_encoder, "set_attn_implementation"):
-        yield  # older transformers: always explicit attention
-        return
-    text_encoder.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        text_encoder.set_attn_implementation(previous)
-
-
-#: Set by transformers ≥ 5 on a model whose output-capturing hooks it installed.
-_TRANSFORMERS_CAPTURE_FLAG = "_output_capturing_hooks_installed"
-_MISSING = object()
-
-
-@contextlib.contextmanager
-def no_new_capture_hooks(text_encoder: nn.Module) -> Iterator[None]:
-    """Undo the output-capturing hooks that transformers ≥ 5 installs for good on the first
-    ``output_attentions`` call, so the encoder is left exactly as it was.
-
-    Those hooks are transformers' own (inert outside a capturing call); they are removed
-    only together with the flag that tells transformers they exist, so a later
-    ``output_hidden_states``/``output_attentions`` call reinstalls them. Without that flag
-    (older transformers install none) nothing is touched.
-    """
-    modules = list(text_encoder.modules())
-    flags = [module.__dict__.get(_TRANSFORMERS_CAPTURE_FLAG, _MISSING) for module in modules]
-    hook_keys = [(set(module._forward_hooks), set(module._forward_pre_hooks)) for module in modules]
-    try:
-        yield
-    finally:
-        changed = [
-            (module, flag)
-            for module, flag in zip(modules, flags)
-            if module.__dict__.get(_TRANSFORMERS_CAPTURE_FLAG, _MISSING) is not flag
-        ]
-        if changed:
-            for module, (forward_keys, pre_keys) in zip(modules, hook_keys):
-                for key in set(module._forward_hooks) - forward_keys:
-                    del module._forward_hooks[key]
-                    module._forward_hooks_with_kwargs.pop(key, None)
-                    module._forward_hooks_always_called.pop(key, None)
-                for key in set(module._forward_pre_hooks) - pre_keys:
-                    del module._forward_pre_hooks[key]
-                    module._forward_pre_hooks_with_kwargs.pop(key, None)
-            for module, flag in changed:
-                if flag is _MISSING:
-                    del module.__dict__[_TRANSFORMERS_CAPTURE_FLAG]
-                else:
-                    module.__dict__[_TRANSFORMERS_CAPTURE_FLAG] = flag
-
-
 def split_prompt_tokens(token_ids: Sequence[int], chunk_length: int = tsam.CHUNK_PROMPT_TOKENS) -> list[list[int]]:
     """Consecutive ``chunk_length``-token chunks; an empty prompt is one empty chunk."""
     ids = list(token_ids)
@@ -416,7 +360,7 @@ def encoder_chunk_targets(
             eos_positions.append(len(chunk) + 1)
     device = device if device is not None else next(text_encoder.parameters()).device
     ids = torch.tensor(rows, dtype=torch.long, device=device)  # (chunks, 77)
-    with no_new_capture_hooks(text_encoder), _eager_attention(text_encoder), torch.no_grad():
+    with no_new_capture_hooks(text_encoder), eager_attention(text_encoder), torch.no_grad():
         attentions = text_encoder(ids, output_attentions=True).attentions
     if not attentions:
         raise RuntimeError("T-SAM: the text encoder returned no attention maps (it needs eager attention)")

@@ -1,0 +1,1 @@
+"""diffusers as a host: generation with SEG and T-SAM on a diffusers pipeline."""
