@@ -44,6 +44,7 @@ from torch import nn
 
 from .onnx_checks import OnnxCheckError, check_onnx_for_tensorrt
 from .onnx_exports import new_data_file_name
+from .profiles import PRECISIONS
 from .seg_unet import CONTEXT, OUTPUT, SAMPLE, TOKENS_PER_CHUNK, SegExportUNet, blur_input_names
 
 logger = logging.getLogger("seg_tsam")
@@ -52,7 +53,7 @@ DEFAULT_OPSET = 17
 #: Legacy exporter maximum (torch ``ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``) and TensorRT 10's
 #: parser range top; 14 is the first with the ops the decomposed attention needs.
 OPSET_RANGE = range(14, 21)
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_DTYPES = {precision: getattr(torch, {"fp32": "float32", "fp16": "float16"}[precision]) for precision in PRECISIONS}
 #: Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 INLINE_WEIGHTS_LIMIT = 2**31 - 2**28
 METADATA_PREFIX = "seg_tsam."

@@ -43,6 +43,8 @@ from ..extension.core.layers import grid_at_level
 LATENT_SCALE = 8
 #: Tokens the text encoder sees per 75-token prompt chunk (BOS + 75 + EOS).
 TOKENS_PER_CHUNK = 77
+#: The precisions an export and its engines can have: the one list (export, registry, tab, API).
+PRECISIONS = ("fp32", "fp16")
 #: Prompt tokens per chunk as the user counts them.
 PROMPT_TOKENS_PER_CHUNK = 75
 #: Rows per image with CFG and SEG on a plain prompt: cond, uncond, SEG copy.

@@ -39,13 +39,12 @@ from typing import Any
 
 import filelock
 
-from .profiles import EngineCall, EngineProfile, ProfileError
+from .profiles import PRECISIONS, EngineCall, EngineProfile, ProfileError
 
 SCHEMA_NAME = "seg_tsam.engine_registry"
 SCHEMA_VERSION = 1
 REGISTRY_FILE_NAME = "engines.json"
 ENGINE_SUFFIX = ".plan"
-PRECISIONS = ("fp16", "bf16", "fp32")
 
 _TEMP_SUFFIX = ".tmp"
 _TOMBSTONE_SUFFIX = ".deleted"

@@ -60,10 +60,10 @@ def test_custom_profile_is_parsed():
     (dict(preset=None, profile={"images": 1, "height": 500, "width": 512}), "custom profile: height"),
     (dict(preset=None, profile={"images": 1, "height": 512}), "custom profile: width"),
     (dict(precision="int8"), "precision"),
-    (dict(seg_layers=""), "non-empty"),
-    (dict(seg_layers="../../etc/passwd"), "layer names"),
-    (dict(seg_layers="m" * 65), "layer names"),
-    (dict(seg_layers=3), "non-empty text"),
+    (dict(seg_layers=""), "SEG layers: layers is empty"),
+    (dict(seg_layers="../../etc/passwd"), "SEG layers: unknown layer '../../etc/passwd'"),
+    (dict(seg_layers="m" * 65), "SEG layers: at most 64 characters"),
+    (dict(seg_layers=3), "SEG layers: layers must be a string"),
     (dict(build_engine="yes"), "true or false"),
 ])
 def test_bad_requests_are_refused_with_a_message(kwargs, message):

@@ -7,7 +7,14 @@ import math
 import pytest
 
 from seg_tsam.extension.core.settings import SegSettings, SettingsError
-from seg_tsam.extension.webui.seg_args import POSITIONAL, settings_from_args
+from seg_tsam.extension.core import fields
+
+POSITIONAL = fields.positional_names(SegSettings)
+
+
+def settings_from_args(args, overrides=None):
+    return fields.from_args(SegSettings, args, "SEG", overrides)
+
 
 UI_DEFAULTS = [False, 3.0, "inf", "mid", 0.0, 1.0, "cond", False, 3.0, "inf"]
 
@@ -21,12 +28,12 @@ def test_positional_values():
     args = [True, 4, "8", "d4,m0", 0.2, 0.8, "uncond", True, 2, "16"]
     settings = settings_from_args(args)
     assert settings == SegSettings(enabled=True, scale=4, sigma=8, layers="d4,m0", start=0.2, end=0.8,
-                                   mode="uncond", hires_scale=2, hires_sigma=16)
+                                   mode="uncond", hires_override=True, hires_scale=2, hires_sigma=16)
 
 
 def test_hires_values_ignored_without_override():
     settings = settings_from_args([True, 3, "inf", "mid", 0, 1, "cond", False, "garbage", "garbage"])
-    assert settings.hires_scale is None and settings.hires_sigma is None
+    assert not settings.hires_override and settings.hires_scale is None and settings.hires_sigma is None
 
 
 def test_short_positional_list_keeps_defaults():

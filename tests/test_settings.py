@@ -80,6 +80,7 @@ def test_hires_overrides():
     settings = SegSettings(enabled=True, scale=3, sigma=4, hires_scale="5", hires_sigma="inf")
     hires = settings.for_hires_pass()
     assert (hires.scale, hires.sigma, hires.hires_scale, hires.hires_sigma) == (5.0, math.inf, None, None)
+    assert settings.hires_override and not hires.hires_override  # a hires value given by name turns the override on
     assert SegSettings(enabled=True, sigma=4).for_hires_pass().sigma == 4.0
     with pytest.raises(SettingsError, match="hires_scale"):
         SegSettings(hires_scale=-1)

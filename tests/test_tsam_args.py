@@ -8,8 +8,19 @@ import pytest
 
 from seg_tsam.extension.core.settings import SettingsError
 from seg_tsam.extension.core.tsam import TsamSettings
-from seg_tsam.extension.core.tsam_infotext import INFOTEXT_KEYS, from_infotext, to_infotext
-from seg_tsam.extension.webui.tsam_args import POSITIONAL, settings_from_args
+from seg_tsam.extension.core import fields
+
+POSITIONAL = fields.positional_names(TsamSettings)
+INFOTEXT_KEYS = fields.infotext_keys(TsamSettings)
+to_infotext = fields.to_infotext
+
+
+def from_infotext(params):
+    return fields.from_infotext(TsamSettings, params)
+
+
+def settings_from_args(args, overrides=None):
+    return fields.from_args(TsamSettings, args, "T-SAM", overrides)
 
 #: What the UI sends with every control at its default (gradio sliders send floats).
 UI_DEFAULTS = [False, 5.0, 0.6, 1.0, "0,0.2,0.4", 20.0, "official", 3.0, False]

@@ -1,29 +1,28 @@
-"""The validated SEG settings: the one source for UI controls, API forms, infotext and X/Y/Z.
+"""The validated SEG settings and the value parsers every settings class shares.
 
-Every constructor path (keyword arguments, the API's named dict, pasted infotext) goes
-through :meth:`SegSettings.__post_init__`, which normalises σ and raises
-:class:`SettingsError` naming the field and the accepted range.
+Each field of :class:`SegSettings` is defined once with :func:`~.fields.setting`: default,
+parser, label, info text, widget, infotext key, X/Y/Z axis. The API's positional and named
+forms, infotext, the WebUI's widgets, Settings section and X/Y/Z axes, and the README's
+control table all derive from it (see ``fields.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import fields
 from .blur import is_infinite_sigma
+from .fields import Control, SettingsError, setting
 from .layers import LayerSpecError, parse_layer_spec
+
 
 SEG_MODES = ("cond", "uncond")
 MAX_SEG_SCALE = 100.0
 INFINITY_WORDS = ("inf", "infinity", "∞", "+inf")
-
-
-class SettingsError(ValueError):
-    """A setting out of range or of the wrong type; the message names the field."""
-
+SIGMA_CHOICES = ("inf", "64", "32", "16", "8", "4", "2", "1", "0.5")
 
 def parse_number(field: str, value: Any) -> float:
     """A finite-or-infinite float from a number or numeric string (bools and NaN rejected)."""
@@ -46,11 +45,11 @@ def parse_number(field: str, value: Any) -> float:
     return number
 
 
-def parse_sigma(value: Any) -> float:
+def parse_sigma(value: Any, field: str = "sigma") -> float:
     """Blur σ ≥ 0; ``inf``/``∞`` or anything above 9999 is infinite blur (returned as ``inf``)."""
-    sigma = parse_number("sigma", value)
+    sigma = parse_number(field, value)
     if sigma < 0:
-        raise SettingsError(f"sigma: must be ≥ 0 (0 = no blur, 'inf' = mean query), got {sigma}")
+        raise SettingsError(f"{field}: must be ≥ 0 (0 = no blur, 'inf' = mean query), got {sigma}")
     return math.inf if is_infinite_sigma(sigma) else sigma
 
 
@@ -58,16 +57,56 @@ def format_sigma(sigma: float) -> str:
     return "inf" if math.isinf(sigma) else f"{sigma:g}"
 
 
-def settings_from_mapping(cls, values: Mapping[str, Any], method: str, *, enabled_default: bool):
-    """A settings dataclass from the API's named dict: unknown keys are an error, missing ones
-    take the defaults, and ``enabled`` defaults to ``enabled_default``."""
-    if not isinstance(values, Mapping):
-        raise SettingsError(f"expected a dict of {method} settings, got {type(values).__name__}")
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SettingsError(f"unknown {method} setting(s) {unknown}; known: {sorted(known)}")
-    return cls(**{"enabled": enabled_default, **values})
+def parse_flag(field: str) -> Any:
+    def parse(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{field}: expected true or false, got {value!r}")
+        return value
+
+    return parse
+
+
+def number_in(field: str, low: float, high: float, note: str = "") -> Any:
+    """A parser for a number in ``[low, high]``."""
+
+    def parse(value: Any) -> float:
+        number = parse_number(field, value)
+        if not low <= number <= high:
+            raise SettingsError(f"{field}: must be in [{low:g}, {high:g}]{note}, got {number:g}")
+        return number
+
+    return parse
+
+
+def plain_number(field: str) -> Any:
+    """A number with no range of its own (checked together with other fields)."""
+    return lambda value: parse_number(field, value)
+
+
+def one_of(field: str, choices: tuple[str, ...]) -> Any:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise SettingsError(f"{field}: must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def optional(parse: Any) -> Any:
+    """``parse``, with ``None`` (unset) passed through."""
+    return lambda value: None if value is None else parse(value)
+
+
+def sigma_field(field: str) -> Any:
+    return lambda value: parse_sigma(value, field)
+
+
+def parse_layers(value: Any) -> str:
+    try:
+        parse_layer_spec(value)
+    except LayerSpecError as error:
+        raise SettingsError(f"layers: {error}") from None
+    return value.replace(" ", "").lower()
 
 
 def step_fraction_active(step: int, total_steps: int, start: float, end: float) -> bool:
@@ -82,44 +121,55 @@ def step_fraction_active(step: int, total_steps: int, start: float, end: float) 
 class SegSettings:
     """Smoothed Energy Guidance settings (defaults: the paper's and the official code's)."""
 
-    enabled: bool = False
-    scale: float = 3.0  #: s, the SEG guidance scale
-    sigma: float = math.inf  #: blur σ in tokens of the layer's grid; inf = mean query
-    layers: str = "mid"  #: layer spec, see core/layers.py
-    start: float = 0.0  #: active from this fraction of the schedule …
-    end: float = 1.0  #: … up to (excluding) this one
-    mode: str = "cond"  #: "cond" = official code, "uncond" = paper Eq. 10
-    hires_scale: float | None = None  #: scale for a hires-fix second pass (None: same as first)
-    hires_sigma: float | None = None  #: σ for a hires-fix second pass (None: same as first)
+    enabled: bool = setting(
+        False, label="Smoothed Energy Guidance", control=Control("checkbox"), parse=parse_flag("enabled"),
+        info="On/off. Off by default, so requests that do not mention SEG are unchanged.")
+    scale: float = setting(
+        3.0, label="SEG scale", control=Control("slider", 0.0, 20.0, 0.1), parse=number_in("scale", 0, MAX_SEG_SCALE),
+        infotext="SEG scale", axis="[SEG] Scale", user_default=True, api_note="The API accepts up to 100.",
+        info="How strongly sampling is pushed away from the blurred prediction. 3 is the paper's value; 0 turns SEG off.")
+    sigma: float = setting(
+        math.inf, label="Blur σ", control=Control("dropdown", choices=SIGMA_CHOICES, custom_values=True),
+        parse=sigma_field("sigma"), infotext="SEG sigma", axis="[SEG] Sigma", user_default=True,
+        info="Blur width in tokens. inf (any σ > 9999) replaces each query by the mean query: strongest, the "
+             "paper's best; smaller is gentler; 0 is no blur. Type any number ≥ 0.")
+    layers: str = setting(
+        "mid", label="Layers", control=Control("text"), parse=parse_layers, infotext="SEG layers",
+        axis="[SEG] Layers", user_default=True,
+        info="Self-attention layers whose queries are blurred: mid, down, up, all, or d/m/u with an index or "
+             "range, e.g. mid or d4,d5,m0.")
+    start: float = setting(
+        0.0, label="Start", control=Control("slider", 0.0, 1.0, 0.01), parse=plain_number("start"),
+        infotext="SEG start", axis="[SEG] Start",
+        info="SEG acts from this fraction of the steps on (step i is guided when start ≤ i/steps < end).")
+    end: float = setting(
+        1.0, label="End", control=Control("slider", 0.0, 1.0, 0.01), parse=plain_number("end"),
+        infotext="SEG end", axis="[SEG] End", info="… up to, not including, this fraction of the steps.")
+    mode: str = setting(
+        "cond", label="Blurred prediction", control=Control("radio", choices=SEG_MODES), parse=one_of("mode", SEG_MODES),
+        infotext="SEG mode", axis="[SEG] Mode", user_default=True,
+        info="cond: blur a copy of the prompt's prediction (the official code); uncond: of the negative "
+             "prompt's (the paper's Eq. 10). Without CFG both blur the prompt's.")
+    hires_override: bool = setting(
+        False, label="Different scale and σ for the hires. fix pass", control=Control("checkbox"),
+        parse=parse_flag("hires_override"),
+        info="Use the two values below in the hires. fix second pass instead of the first pass's.")
+    hires_scale: float | None = setting(
+        None, label="Hires SEG scale", control=Control("slider", 0.0, 20.0, 0.1),
+        parse=optional(number_in("hires_scale", 0, MAX_SEG_SCALE)), infotext="SEG hires scale",
+        only_with="hires_override", api_note="The API accepts up to 100; giving it turns the override on.",
+        widget_default=3.0, info="SEG scale of the hires. fix second pass (unset: the first pass's).")
+    hires_sigma: float | None = setting(
+        None, label="Hires blur σ", control=Control("dropdown", choices=SIGMA_CHOICES, custom_values=True),
+        parse=optional(sigma_field("hires_sigma")), infotext="SEG hires sigma", only_with="hires_override",
+        api_note="Giving it turns the override on.", widget_default="inf",
+        info="Blur σ of the hires. fix second pass (unset: the first pass's).")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise SettingsError(f"enabled: expected true or false, got {self.enabled!r}")
-        scale = parse_number("scale", self.scale)
-        if not 0.0 <= scale <= MAX_SEG_SCALE:
-            raise SettingsError(f"scale: must be in [0, {MAX_SEG_SCALE:g}], got {scale}")
-        start = parse_number("start", self.start)
-        end = parse_number("end", self.end)
-        if not 0.0 <= start < end <= 1.0:
-            raise SettingsError(f"start/end: need 0 ≤ start < end ≤ 1 (fractions of the steps), got {start}, {end}")
-        if self.mode not in SEG_MODES:
-            raise SettingsError(f"mode: must be one of {', '.join(SEG_MODES)}, got {self.mode!r}")
-        try:
-            parse_layer_spec(self.layers)
-        except LayerSpecError as error:
-            raise SettingsError(f"layers: {error}") from None
-        object.__setattr__(self, "scale", scale)
-        object.__setattr__(self, "sigma", parse_sigma(self.sigma))
-        object.__setattr__(self, "start", start)
-        object.__setattr__(self, "end", end)
-        object.__setattr__(self, "layers", self.layers.replace(" ", "").lower())
-        if self.hires_scale is not None:
-            hires_scale = parse_number("hires_scale", self.hires_scale)
-            if not 0.0 <= hires_scale <= MAX_SEG_SCALE:
-                raise SettingsError(f"hires_scale: must be in [0, {MAX_SEG_SCALE:g}], got {hires_scale}")
-            object.__setattr__(self, "hires_scale", hires_scale)
-        if self.hires_sigma is not None:
-            object.__setattr__(self, "hires_sigma", parse_sigma(self.hires_sigma))
+        fields.validate_fields(self)
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise SettingsError(
+                f"start/end: need 0 ≤ start < end ≤ 1 (fractions of the steps), got {self.start}, {self.end}")
 
     @property
     def has_effect(self) -> bool:
@@ -130,51 +180,31 @@ class SegSettings:
         return self.has_effect and step_fraction_active(step, total_steps, self.start, self.end)
 
     def for_hires_pass(self) -> SegSettings:
-        """The settings of a hires-fix second pass: the overrides applied, if any."""
+        """The settings of a hires-fix second pass: the override applied, if on."""
+        if not self.hires_override:
+            return self
         return dataclasses.replace(
-            self,
-            scale=self.scale if self.hires_scale is None else self.hires_scale,
+            self, scale=self.scale if self.hires_scale is None else self.hires_scale,
             sigma=self.sigma if self.hires_sigma is None else self.hires_sigma,
-            hires_scale=None,
-            hires_sigma=None,
-        )
+            hires_override=False, hires_scale=None, hires_sigma=None)
 
     def to_infotext(self) -> dict[str, Any]:
         """Infotext entries (PNG info); empty when SEG is off."""
-        if not self.enabled:
-            return {}
-        values = self.to_dict()
-        return {key: values[field] for field, key in INFOTEXT_KEYS.items() if values[field] is not None}
+        return fields.to_infotext(self)
 
     @classmethod
-    def from_infotext(cls, params: Mapping[str, Any]) -> SegSettings:
-        """Settings from parsed infotext (``{"SEG scale": "3.0", …}``); disabled when no SEG key."""
-        if INFOTEXT_KEYS["scale"] not in params:
-            return cls(enabled=False)
-        values = {field: params[key] for field, key in INFOTEXT_KEYS.items() if key in params}
-        return cls(enabled=True, **values)
+    def from_infotext(cls, params: dict[str, Any]) -> SegSettings:
+        """Settings from parsed infotext (``{"SEG scale": "3.0", …}``); off without SEG keys."""
+        return fields.from_infotext(cls, params)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, enabled_default: bool = True) -> SegSettings:
+    def from_mapping(cls, values: dict[str, Any], *, enabled_default: bool = True) -> SegSettings:
         """Build from a named dict (API form); unknown keys are an error, missing ones default."""
-        return settings_from_mapping(cls, values, "SEG", enabled_default=enabled_default)
+        return fields.from_mapping(cls, values, "SEG", enabled_default=enabled_default)
 
     def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["sigma"] = format_sigma(self.sigma)
-        if self.hires_sigma is not None:
-            values["hires_sigma"] = format_sigma(self.hires_sigma)
-        return values
+        return {name: fields.display(value) for name, value in dataclasses.asdict(self).items()}
 
 
 #: Infotext key of each field (written for every image, read back by paste / PNG info).
-INFOTEXT_KEYS = {
-    "scale": "SEG scale",
-    "sigma": "SEG sigma",
-    "layers": "SEG layers",
-    "start": "SEG start",
-    "end": "SEG end",
-    "mode": "SEG mode",
-    "hires_scale": "SEG hires scale",
-    "hires_sigma": "SEG hires sigma",
-}
+INFOTEXT_KEYS = fields.infotext_keys(SegSettings)

@@ -40,7 +40,9 @@ from typing import Any
 import torch
 
 from .blur import reflect_convolution_matrix
-from .settings import SettingsError, parse_number, settings_from_mapping
+from . import fields
+from .fields import Control, SettingsError, setting
+from .settings import number_in, one_of, parse_flag, parse_number
 
 #: Added to a row sum before dividing, as the official code does.
 ROW_NORM_EPSILON = 1e-7
@@ -438,6 +440,24 @@ class TsamStepPlan:
     step_size: float
 
 
+def count_in(field: str, low: int, high: int) -> Any:
+    return lambda value: parse_count(field, value, low, high)
+
+
+def parse_active_fraction(value: Any) -> float:
+    active = parse_number("active_fraction", value)
+    if not 0.0 <= active <= 1.0:
+        raise SettingsError(f"active_fraction: must be a fraction of the steps in [0, 1], got {active:g}")
+    return active
+
+
+def parse_power(value: Any) -> float:
+    power = parse_number("power", value)
+    if not 0.0 < power <= MAX_POWER:
+        raise SettingsError(f"power: must be in (0, {MAX_POWER:g}] (official 3, paper 4), got {power:g}")
+    return power
+
+
 @dataclass(frozen=True)
 class TsamSettings:
     """T-SAM settings; defaults are the official code's (``configs/config.yaml``).
@@ -446,42 +466,49 @@ class TsamSettings:
     Attend-and-Excite prompts, 40 on TIFA) over the first half of the steps.
     """
 
-    enabled: bool = False
-    strength: float = 5.0  #: step-size scale: α_i = strength · sqrt(linspace(1, 0.5, N)[i])
-    active_fraction: float = DEFAULT_ACTIVE_FRACTION  #: update during steps i with i/N < this
-    iterations: int = 1  #: updates per active step
-    refinement_steps: str = format_refinement_steps(DEFAULT_REFINEMENT_FRACTIONS)  #: fractions, or "none"
-    refinement_iterations: int = 20  #: extra updates at each refinement step
-    loss: str = "official"  #: "official" (row cosine) or "paper" (L1)
-    power: float = 3.0  #: exponent on T (official 3, paper γ = 4)
-    show_maps: bool = False  #: keep the smoothed token maps for display
+    enabled: bool = setting(
+        False, label="T-SAM alignment", control=Control("checkbox"), parse=parse_flag("enabled"),
+        info="On/off. Off by default, so requests that do not mention T-SAM are unchanged.")
+    strength: float = setting(
+        5.0, label="Strength", control=Control("slider", 0.0, 100.0, 0.5), parse=number_in("strength", 0, MAX_STRENGTH),
+        infotext="T-SAM strength", axis="[T-SAM] Strength", user_default=True, api_note="The API accepts up to 1000.",
+        info="Step size of each latent update: α_i = strength·sqrt(linspace(1, 0.5, N)[i]). The official code uses 5.")
+    active_fraction: float = setting(
+        DEFAULT_ACTIVE_FRACTION, label="Active fraction of steps", control=Control("slider", 0.0, 1.0, 0.05),
+        parse=parse_active_fraction, infotext="T-SAM active fraction", axis="[T-SAM] Active fraction",
+        user_default=True,
+        info="The latent is updated during the first ⌈fraction·steps⌉ steps (0.6: 30 of 50, the official schedule).")
+    iterations: int = setting(
+        1, label="Iterations per step", control=Control("slider", 1, 10, 1), parse=count_in("iterations", 1, MAX_ITERATIONS),
+        infotext="T-SAM iterations", axis="[T-SAM] Iterations", user_default=True, api_note="The API accepts up to 50.",
+        info="Gradient updates at each active step; each costs about two UNet passes.")
+    refinement_steps: str = setting(
+        format_refinement_steps(DEFAULT_REFINEMENT_FRACTIONS), label="Refinement steps", control=Control("text"),
+        parse=lambda value: format_refinement_steps(parse_refinement_steps(value)),
+        infotext="T-SAM refinement steps", axis="[T-SAM] Refinement steps", user_default=True,
+        info="Fractions of the steps that get extra refinement iterations, e.g. 0,0.2,0.4 (steps 0, 10, 20 of "
+             "50), or none.")
+    refinement_iterations: int = setting(
+        20, label="Refinement iterations", control=Control("slider", 0, 50, 1),
+        parse=count_in("refinement_iterations", 0, MAX_REFINEMENT_ITERATIONS), infotext="T-SAM refinement iterations",
+        axis="[T-SAM] Refinement iterations", user_default=True, api_note="The API accepts up to 100.",
+        info="Extra updates at each refinement step: the most expensive part of T-SAM.")
+    loss: str = setting(
+        "official", label="Loss", control=Control("radio", choices=LOSS_MODES), parse=one_of("loss", LOSS_MODES),
+        infotext="T-SAM loss", axis="[T-SAM] Loss", user_default=True,
+        info="official: the official code's row-cosine loss; paper: the paper's L1 form (use power 4 with it).")
+    power: float = setting(
+        3.0, label="Target sharpness (power on T)", control=Control("slider", 0.5, 8.0, 0.5), parse=parse_power,
+        infotext="T-SAM power", axis="[T-SAM] Power", user_default=True, api_note="The API accepts up to 16.",
+        info="Exponent on the text encoder's attention before it becomes the target: 3 in the official code, "
+             "4 in the paper.")
+    show_maps: bool = setting(
+        False, label="Show maps", control=Control("checkbox"), parse=parse_flag("show_maps"),
+        info="Add one image per picture: the text target T, the attention similarity S before and after, and "
+             "each token's attention map.")
 
     def __post_init__(self) -> None:
-        for flag in ("enabled", "show_maps"):
-            if not isinstance(getattr(self, flag), bool):
-                raise SettingsError(f"{flag}: expected true or false, got {getattr(self, flag)!r}")
-        strength = parse_number("strength", self.strength)
-        if not 0.0 <= strength <= MAX_STRENGTH:
-            raise SettingsError(f"strength: must be in [0, {MAX_STRENGTH:g}], got {strength:g}")
-        active = parse_number("active_fraction", self.active_fraction)
-        if not 0.0 <= active <= 1.0:
-            raise SettingsError(f"active_fraction: must be a fraction of the steps in [0, 1], got {active:g}")
-        power = parse_number("power", self.power)
-        if not 0.0 < power <= MAX_POWER:
-            raise SettingsError(f"power: must be in (0, {MAX_POWER:g}] (official 3, paper 4), got {power:g}")
-        if self.loss not in LOSS_MODES:
-            raise SettingsError(f"loss: must be one of {', '.join(LOSS_MODES)}, got {self.loss!r}")
-        object.__setattr__(self, "strength", strength)
-        object.__setattr__(self, "active_fraction", active)
-        object.__setattr__(self, "power", power)
-        object.__setattr__(self, "iterations", parse_count("iterations", self.iterations, 1, MAX_ITERATIONS))
-        object.__setattr__(
-            self,
-            "refinement_iterations",
-            parse_count("refinement_iterations", self.refinement_iterations, 0, MAX_REFINEMENT_ITERATIONS),
-        )
-        fractions = parse_refinement_steps(self.refinement_steps)
-        object.__setattr__(self, "refinement_steps", format_refinement_steps(fractions))
+        fields.validate_fields(self)
 
     @property
     def refinement_fractions(self) -> tuple[float, ...]:
@@ -512,7 +539,16 @@ class TsamSettings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, enabled_default: bool = True) -> TsamSettings:
         """Build from a named dict (API form); unknown keys are an error, missing ones default."""
-        return settings_from_mapping(cls, values, "T-SAM", enabled_default=enabled_default)
+        return fields.from_mapping(cls, values, "T-SAM", enabled_default=enabled_default)
+
+    def to_infotext(self) -> dict[str, Any]:
+        """Infotext entries; empty when T-SAM is off. "Show maps" is a display choice, not written."""
+        return fields.to_infotext(self)
+
+    @classmethod
+    def from_infotext(cls, params: Mapping[str, Any]) -> TsamSettings:
+        """Settings from parsed infotext (``{"T-SAM strength": "5.0", …}``); off without T-SAM keys."""
+        return fields.from_infotext(cls, params)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,21 +18,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...export.onnx_export import DEFAULT_OPSET, EXPORT_DTYPES, AttentionPath
+from ...export.onnx_export import DEFAULT_OPSET, AttentionPath
 from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports, remove_onnx_export, write_export_info
-from ...export.profiles import PRESETS, EngineProfile, ProfileError, preset_profile
+from ...export.profiles import PRECISIONS, PRESETS, EngineProfile, ProfileError, preset_profile
+from ..core.layers import LayerSpecError, parse_layer_spec
 from ...export.refit import RefitMap, sidecar_path, weight_map
 from ...export.registry import EngineRegistry, RegistryError, normalize_layers
 
 ONNX_FOLDER = "Unet-seg-onnx"
 ENGINE_FOLDER = "Unet-seg-trt"
 TIMING_CACHE_FOLDER = "timing-cache"  #: inside the engine folder
-PRECISIONS = tuple(EXPORT_DTYPES)  # ("fp32", "fp16")
 DEFAULT_LAYERS = "mid"
 MAX_LAYERS_LENGTH = 64
 NO_TENSORRT_HINT = "ONNX export still works; engines need TensorRT and a CUDA GPU."
 
-_LAYERS_ALLOWED = re.compile(r"^[A-Za-z0-9_,:\- ]+$")
 _ENGINE_ID = re.compile(r"^[0-9a-f]{16}$")
 _ONNX_NAME = re.compile(r"^[A-Za-z0-9_-]{1,160}\.onnx$")  #: what onnx_file_name makes
 _REQUEST_FIELDS = frozenset({"preset", "profile", "seg_layers", "precision", "build_engine"})
@@ -124,13 +123,13 @@ class ExportRequest:
 
 
 def check_layers(layers: Any) -> str:
-    """A syntactically plausible layer spec (``"mid"``, ``"d2,m0"`` …); the model checks the rest."""
-    if not isinstance(layers, str) or not layers.strip():
-        raise ExportRequestError(f"SEG layers must be a non-empty text such as 'mid', got {layers!r}")
-    if len(layers) > MAX_LAYERS_LENGTH or not _LAYERS_ALLOWED.match(layers):
-        raise ExportRequestError(
-            f"SEG layers {layers!r}: use layer names such as 'mid' or 'd2,m0' (letters, digits, ',', ':', '-', '_')"
-        )
+    """A layer spec SEG's own parser accepts (``"mid"``, ``"d2,m0"`` …); the model checks the counts."""
+    if isinstance(layers, str) and len(layers) > MAX_LAYERS_LENGTH:
+        raise ExportRequestError(f"SEG layers: at most {MAX_LAYERS_LENGTH} characters, got {len(layers)}")
+    try:
+        parse_layer_spec(layers)
+    except LayerSpecError as error:
+        raise ExportRequestError(f"SEG layers: {error}") from None
     return layers.strip()
 
 
@@ -269,7 +268,6 @@ def export_current_checkpoint(
     :class:`ExportRequestError` for a layer spec the model rejects and :class:`ExportFailed`
     for everything else; an existing export of the same name is replaced only by a complete one.
     """
-    from ..core.layers import LayerSpecError
     from ...export.onnx_checks import check_onnx_for_tensorrt
     from ...export.onnx_export import OnnxExportError, export_onnx
     from ...export.seg_unet import SegExportUNet

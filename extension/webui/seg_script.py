@@ -17,14 +17,15 @@ from modules.ui_components import InputAccordion
 
 from ..adapters.unet_layers import self_attention_layers
 from ..core.layers import LayerSpecError, select_layers
-from ..core.settings import INFOTEXT_KEYS, SEG_MODES, SegSettings, SettingsError
+from ..core import fields
+from ..core.settings import SegSettings, SettingsError
+from . import controls
 from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
-from .seg_args import settings_from_args
 from ..adapters.a1111.seg_sampling import SegGeneration
 
 logger = logging.getLogger("seg_tsam")
 
-SIGMA_CHOICES = ["inf", "64", "32", "16", "8", "4", "2", "1", "0.5"]
+OPTION_PREFIX = "seg"  #: Settings keys: seg_default_<field>, seg_batch_rows
 
 
 class SegError(RequestError):
@@ -45,47 +46,20 @@ class SegScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        defaults = SegSettings()
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
-            with gr.Row():
-                scale = gr.Slider(label="SEG scale", minimum=0.0, maximum=20.0, step=0.1,
-                                  value=option("seg_default_scale", defaults.scale), elem_id=self.elem_id("scale"))
-                sigma = gr.Dropdown(label="Blur σ (inf = mean query; type any value ≥ 0)", choices=SIGMA_CHOICES,
-                                    value=str(option("seg_default_sigma", "inf")), allow_custom_value=True,
-                                    elem_id=self.elem_id("sigma"))
-            with gr.Row():
-                layers = gr.Textbox(label="Layers (mid | down,up | d4,d5,m0-9)",
-                                    value=option("seg_default_layers", defaults.layers), elem_id=self.elem_id("layers"))
-                mode = gr.Radio(label="Blurred branch (cond = official code, uncond = paper Eq. 10)",
-                                choices=list(SEG_MODES), value=option("seg_default_mode", defaults.mode),
-                                elem_id=self.elem_id("mode"))
-            with gr.Row():
-                start = gr.Slider(label="Start (fraction of steps)", minimum=0.0, maximum=1.0, step=0.01,
-                                  value=defaults.start, elem_id=self.elem_id("start"))
-                end = gr.Slider(label="End (fraction of steps)", minimum=0.0, maximum=1.0, step=0.01,
-                                value=defaults.end, elem_id=self.elem_id("end"))
+            widgets = {"enabled": enabled}
+            for row in (("scale", "sigma"), ("layers", "mode"), ("start", "end")):
+                widgets |= controls.build_row(SegSettings, row, OPTION_PREFIX, self.elem_id)
             with gr.Accordion("Hires. fix second pass", open=False):
-                hires_override = gr.Checkbox(label="Use a different SEG scale and σ for the second pass",
-                                             value=False, elem_id=self.elem_id("hires_override"))
-                with gr.Row():
-                    hires_scale = gr.Slider(label="Hires SEG scale", minimum=0.0, maximum=20.0, step=0.1,
-                                            value=defaults.scale, elem_id=self.elem_id("hires_scale"))
-                    hires_sigma = gr.Dropdown(label="Hires blur σ", choices=SIGMA_CHOICES, value="inf",
-                                              allow_custom_value=True, elem_id=self.elem_id("hires_sigma"))
-        keys = INFOTEXT_KEYS
-        self.infotext_fields = [
-            (enabled, lambda params: keys["scale"] in params),
-            (scale, keys["scale"]), (sigma, keys["sigma"]), (layers, keys["layers"]),
-            (start, keys["start"]), (end, keys["end"]), (mode, keys["mode"]),
-            (hires_override, lambda params: keys["hires_scale"] in params or keys["hires_sigma"] in params),
-            (hires_scale, keys["hires_scale"]), (hires_sigma, keys["hires_sigma"]),
-        ]
-        self.paste_field_names = list(keys.values())
-        return [enabled, scale, sigma, layers, start, end, mode, hires_override, hires_scale, hires_sigma]
+                widgets |= controls.build_row(SegSettings, ("hires_override",), OPTION_PREFIX, self.elem_id)
+                widgets |= controls.build_row(SegSettings, ("hires_scale", "hires_sigma"), OPTION_PREFIX, self.elem_id)
+        self.infotext_fields = controls.infotext_fields(SegSettings, widgets)
+        self.paste_field_names = list(fields.infotext_keys(SegSettings).values())
+        return [widgets[name] for name in fields.positional_names(SegSettings)]
 
     def process(self, p, *args):
         try:
-            settings = settings_from_args(args, getattr(p, "seg_overrides", None))
+            settings = fields.from_args(SegSettings, args, "SEG", getattr(p, "seg_overrides", None))
             if settings.has_effect:
                 _check_model(settings)
         except (SettingsError, LayerSpecError) as error:
@@ -139,25 +113,13 @@ def _on_ui_settings() -> None:
     options = {
         "seg_batch_rows": shared.OptionInfo(
             True, "SEG: run the blurred rows in the same UNet call as cond/uncond (faster, more memory)"),
-        "seg_default_scale": shared.OptionInfo(3.0, "SEG: default scale", gr.Slider,
-                                               {"minimum": 0.0, "maximum": 20.0, "step": 0.1}),
-        "seg_default_sigma": shared.OptionInfo("inf", "SEG: default blur σ (inf or a number)"),
-        "seg_default_layers": shared.OptionInfo("mid", "SEG: default layers"),
-        "seg_default_mode": shared.OptionInfo("cond", "SEG: default blurred branch", gr.Radio,
-                                              {"choices": list(SEG_MODES)}),
+        **controls.settings_options(SegSettings, OPTION_PREFIX, "SEG"),
     }
     add_settings(options)
 
 
 def _register_xyz_axes() -> None:
-    register_xyz_axes("seg_overrides", [
-        ("[SEG] Scale", float, "scale", None),
-        ("[SEG] Sigma", str, "sigma", None),
-        ("[SEG] Layers", str, "layers", None),
-        ("[SEG] Start", float, "start", None),
-        ("[SEG] End", float, "end", None),
-        ("[SEG] Mode", str, "mode", lambda: list(SEG_MODES)),
-    ])
+    register_xyz_axes("seg_overrides", controls.xyz_axes(SegSettings))
 
 
 def register_callbacks() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import gradio as gr
 import torch
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
@@ -20,16 +19,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..adapters.a1111 import ldm_tsam
 from ..core import tsam
+from ..core import fields
 from ..core.settings import SettingsError
-from ..core.tsam import LOSS_MODES, TsamSettings
-from ..core.tsam_infotext import INFOTEXT_KEYS, to_infotext
-from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
-from .tsam_args import settings_from_args
+from ..core.tsam import TsamSettings
+from . import controls
+from .common import RequestError, add_settings, fail_sampling, refuse_foreign_replacement, register_xyz_axes
 from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
 logger = logging.getLogger("seg_tsam")
 
 TITLE = "T-SAM alignment"
+OPTION_PREFIX = "tsam"  #: Settings keys: tsam_default_<field>
 
 
 class TsamError(RequestError):
@@ -50,49 +50,18 @@ class TsamScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        defaults = TsamSettings()
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
-            with gr.Row():
-                strength = gr.Slider(label="Strength (step size α, official 5)", minimum=0.0, maximum=100.0, step=0.5,
-                                     value=option("tsam_default_strength", defaults.strength),
-                                     elem_id=self.elem_id("strength"))
-                active_fraction = gr.Slider(label="Active fraction of steps (official 0.6)", minimum=0.0, maximum=1.0,
-                                            step=0.05, value=option("tsam_default_active_fraction",
-                                                                     defaults.active_fraction),
-                                            elem_id=self.elem_id("active_fraction"))
-            with gr.Row():
-                iterations = gr.Slider(label="Iterations per step", minimum=1, maximum=10, step=1,
-                                       value=option("tsam_default_iterations", defaults.iterations),
-                                       elem_id=self.elem_id("iterations"))
-                refinement_steps = gr.Textbox(label="Refinement steps (fractions, e.g. 0,0.2,0.4; or none)",
-                                              value=option("tsam_default_refinement_steps",
-                                                            defaults.refinement_steps),
-                                              elem_id=self.elem_id("refinement_steps"))
-                refinement_iterations = gr.Slider(label="Refinement iterations", minimum=0, maximum=50, step=1,
-                                                  value=option("tsam_default_refinement_iterations",
-                                                                defaults.refinement_iterations),
-                                                  elem_id=self.elem_id("refinement_iterations"))
-            with gr.Row():
-                loss = gr.Radio(label="Loss (official = row cosine, paper = L1)", choices=list(LOSS_MODES),
-                                value=option("tsam_default_loss", defaults.loss), elem_id=self.elem_id("loss"))
-                power = gr.Slider(label="Power on T (official 3, paper 4)", minimum=0.5, maximum=8.0, step=0.5,
-                                  value=option("tsam_default_power", defaults.power), elem_id=self.elem_id("power"))
-                show_maps = gr.Checkbox(label="Show maps (T, S before/after, token maps)", value=False,
-                                        elem_id=self.elem_id("show_maps"))
-        keys = INFOTEXT_KEYS
-        self.infotext_fields = [
-            (enabled, lambda params: keys["strength"] in params),
-            (strength, keys["strength"]), (active_fraction, keys["active_fraction"]),
-            (iterations, keys["iterations"]), (refinement_steps, keys["refinement_steps"]),
-            (refinement_iterations, keys["refinement_iterations"]), (loss, keys["loss"]), (power, keys["power"]),
-        ]
-        self.paste_field_names = list(keys.values())
-        return [enabled, strength, active_fraction, iterations, refinement_steps, refinement_iterations, loss, power,
-                show_maps]
+            widgets = {"enabled": enabled}
+            for row in (("strength", "active_fraction"), ("iterations", "refinement_steps", "refinement_iterations"),
+                        ("loss", "power", "show_maps")):
+                widgets |= controls.build_row(TsamSettings, row, OPTION_PREFIX, self.elem_id)
+        self.infotext_fields = controls.infotext_fields(TsamSettings, widgets)
+        self.paste_field_names = list(fields.infotext_keys(TsamSettings).values())
+        return [widgets[name] for name in fields.positional_names(TsamSettings)]
 
     def process(self, p, *args):
         try:
-            settings = settings_from_args(args, getattr(p, "tsam_overrides", None))
+            settings = fields.from_args(TsamSettings, args, "T-SAM", getattr(p, "tsam_overrides", None))
             if settings.has_effect:
                 _check_supported(p)
         except SettingsError as error:
@@ -101,7 +70,7 @@ class TsamScript(scripts.Script):
             return
         if not settings.has_effect:
             return
-        p.extra_generation_params.update(to_infotext(settings))
+        p.extra_generation_params.update(settings.to_infotext())
         _wrap_sampling(p, settings)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
@@ -310,38 +279,11 @@ def render_maps(record: ImageMaps) -> Image.Image:
 
 
 def _on_ui_settings() -> None:
-    defaults = TsamSettings()
-    options = {
-        "tsam_default_strength": shared.OptionInfo(defaults.strength, "T-SAM: default strength (step size α)",
-                                                   gr.Slider, {"minimum": 0.0, "maximum": 100.0, "step": 0.5}),
-        "tsam_default_active_fraction": shared.OptionInfo(defaults.active_fraction,
-                                                          "T-SAM: default active fraction of steps", gr.Slider,
-                                                          {"minimum": 0.0, "maximum": 1.0, "step": 0.05}),
-        "tsam_default_iterations": shared.OptionInfo(defaults.iterations, "T-SAM: default iterations per step",
-                                                     gr.Slider, {"minimum": 1, "maximum": 10, "step": 1}),
-        "tsam_default_refinement_steps": shared.OptionInfo(defaults.refinement_steps,
-                                                           "T-SAM: default refinement steps (fractions, or none)"),
-        "tsam_default_refinement_iterations": shared.OptionInfo(defaults.refinement_iterations,
-                                                                "T-SAM: default refinement iterations", gr.Slider,
-                                                                {"minimum": 0, "maximum": 50, "step": 1}),
-        "tsam_default_loss": shared.OptionInfo(defaults.loss, "T-SAM: default loss", gr.Radio,
-                                               {"choices": list(LOSS_MODES)}),
-        "tsam_default_power": shared.OptionInfo(defaults.power, "T-SAM: default power on T", gr.Slider,
-                                                {"minimum": 0.5, "maximum": 8.0, "step": 0.5}),
-    }
-    add_settings(options)
+    add_settings(controls.settings_options(TsamSettings, OPTION_PREFIX, "T-SAM"))
 
 
 def _register_xyz_axes() -> None:
-    register_xyz_axes("tsam_overrides", [
-        ("[T-SAM] Strength", float, "strength", None),
-        ("[T-SAM] Active fraction", float, "active_fraction", None),
-        ("[T-SAM] Iterations", int, "iterations", None),
-        ("[T-SAM] Refinement steps", str, "refinement_steps", None),
-        ("[T-SAM] Refinement iterations", int, "refinement_iterations", None),
-        ("[T-SAM] Loss", str, "loss", lambda: list(LOSS_MODES)),
-        ("[T-SAM] Power", float, "power", None),
-    ])
+    register_xyz_axes("tsam_overrides", controls.xyz_axes(TsamSettings))
 
 
 def register_callbacks() -> None:
