@@ -74,6 +74,7 @@ def test_old_tensorrt_is_reported(monkeypatch):
     assert not available and "TensorRT 8.6.1 is too old" in reason
 
 
+@pytest.mark.api_stand_in
 def test_strongly_typed_flag_per_version():
     flags = SimpleNamespace(STRONGLY_TYPED=1)  # its value in TensorRT 10 (EXPLICIT_BATCH is 0)
     assert network_creation_flags(SimpleNamespace(__version__="10.13.2.6", NetworkDefinitionCreationFlag=flags)) == 2
@@ -82,6 +83,7 @@ def test_strongly_typed_flag_per_version():
         network_creation_flags(SimpleNamespace(__version__="9.3.0", NetworkDefinitionCreationFlag=SimpleNamespace()))
 
 
+@pytest.mark.api_stand_in
 def test_device_memory_size_per_version():
     assert engine_device_memory_size(SimpleNamespace(device_memory_size_v2=7, device_memory_size=5)) == 7
     assert engine_device_memory_size(SimpleNamespace(device_memory_size=5)) == 5  # TensorRT 10.0
@@ -275,6 +277,7 @@ def onnx_file(tmp_path):
     return path
 
 
+@pytest.mark.api_stand_in
 @pytest.mark.parametrize("version, network_flags", [("10.13.3.9", 2), ("11.4.0.106", 0)])
 def test_build_flow_writes_the_engine_and_timing_cache(monkeypatch, tmp_path, onnx_file, version, network_flags):
     module, calls = fake_tensorrt(version)
@@ -292,6 +295,7 @@ def test_build_flow_writes_the_engine_and_timing_cache(monkeypatch, tmp_path, on
     assert [event.steps_done for event in events] == [0, 1, 2, 3] and events[-1].fraction == 1.0
 
 
+@pytest.mark.api_stand_in
 def test_build_flow_cancel_and_callback_errors_leave_no_engine(monkeypatch, tmp_path, onnx_file):
     module, _ = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", module)
@@ -310,6 +314,7 @@ def test_build_flow_cancel_and_callback_errors_leave_no_engine(monkeypatch, tmp_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]
 
 
+@pytest.mark.api_stand_in
 def test_build_flow_errors_carry_tensorrt_messages(monkeypatch, tmp_path, onnx_file):
     module, _ = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", module)

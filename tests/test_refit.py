@@ -497,6 +497,7 @@ def stub_tensorrt(monkeypatch):
     return module
 
 
+@pytest.mark.api_stand_in
 def test_refit_engine_logic_with_a_stub_tensorrt(stub_tensorrt, sd1):
     """Every refittable initializer set, unchanged ambiguous ones supplied when required; the
     refitted weights, run in ONNX Runtime, give the changed UNet's output."""
@@ -511,6 +512,7 @@ def test_refit_engine_logic_with_a_stub_tensorrt(stub_tensorrt, sd1):
     assert relative_error(refitted, sd1.torch_output(perturbed, inputs)) <= FP32_TOLERANCE
 
 
+@pytest.mark.api_stand_in
 def test_refit_engine_refuses_what_it_cannot_do(stub_tensorrt, sd1):
     arrays = initializers(sd1.path)
     perturbed, _ = lora_like(sd1.unet)
@@ -527,6 +529,7 @@ def test_refit_engine_refuses_what_it_cannot_do(stub_tensorrt, sd1):
     assert np.array_equal(unknown.weights[conv_in], arrays[conv_in])  # refused before touching the engine
 
 
+@pytest.mark.api_stand_in
 def test_refit_engine_supplies_graph_constants_from_the_export(stub_tensorrt, sd1):
     """A constant TensorRT combined with refitted weights comes from the exported file, unchanged."""
     model = onnx.load(os.fspath(sd1.path), load_external_data=False)
