@@ -9,30 +9,30 @@ graph serves every σ (σ = ∞ is ``1/n`` everywhere) and cond/uncond/SEG rows 
 (identity matrices leave a row untouched, bit for bit). ``h`` and ``w`` are read from the
 matrices' *shapes*, never from tensor values, so the graph has no value-dependent shapes.
 
-A level is the number of stride-2 downsamplings between the latent and a layer's token grid;
+A level is the number of stride-2 downsamplings between the latent and a layer's token grid,
+read from the UNet's layer table (:func:`~seg_tsam.extension.adapters.unet_layers.attention_layers`);
 the grid at level ``l`` of an ``H × W`` latent is ``H`` and ``W`` halved ``l`` times with ceil
 (:func:`grid_at_level`), which is what a stride-2, padding-1 convolution does, for any size.
 :func:`blur_matrix_inputs` builds a call's matrices on the host from the core's
 :func:`~seg_tsam.extension.core.blur.blur_matrices`.
 
-The hooks that apply the blur live only for the duration of one ``forward`` (installed and
-removed in a ``try/finally``), so the wrapped UNet is untouched between calls.
+The hooks that apply the blur are the core's :class:`QueryBlurPatch` (the one owner of
+attention patches) in its matrix form, installed for the duration of one ``forward`` only, so
+the wrapped UNet is untouched between calls.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..extension.adapters.unet_layers import self_attention_layers
-from ..extension.core.blur import blur_matrices
-from ..extension.core.layers import grid_at_level, select_layers
-from ..extension.core.query_blur_patch import QueryBlurPatch, SelfAttentionLayer
+from ..extension.adapters.unet_layers import downsampling_count, self_attention_layers
+from ..extension.core.blur import apply_blur_matrices, blur_matrices  # noqa: F401  (the graph's blur op, re-exported)
+from ..extension.core.layers import AttentionLayer, grid_at_level, select_layers
+from ..extension.core.query_blur_patch import QueryBlurPatch
 from .profiles import TOKENS_PER_CHUNK
 
 FLAVOURS = ("diffusers", "ldm", "sgm")
@@ -46,40 +46,6 @@ OUTPUT = "out_sample"
 def blur_input_names(level: int) -> tuple[str, str]:
     """The names of the ``(A_h, A_w)`` inputs for token-grid level ``level``."""
     return f"blur_h_{level}", f"blur_w_{level}"
-
-
-# --- the blur itself -----------------------------------------------------------------------
-
-
-def apply_blur_matrices(queries: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
-    """``Q'[b] = A_h[b] · Q[b] · A_w[b]ᵀ`` per channel for ``(B, h·w, C)`` row-major queries.
-
-    ``a_h`` is ``(B, h, h)``, ``a_w`` is ``(B, w, w)``; ``h`` and ``w`` come from their shapes.
-    Two batched matmuls and reshapes, nothing derived from values (export-safe).
-    """
-    batch, height, width = a_h.shape[0], a_h.shape[-1], a_w.shape[-1]
-    grid = queries.reshape(batch, height, -1)  # (B, h, w·C)
-    grid = torch.matmul(a_h, grid)  # (B, h, h) @ (B, h, w·C) -> (B, h, w·C)
-    grid = grid.reshape(batch, height, width, -1)  # (B, h, w, C)
-    grid = torch.matmul(a_w.unsqueeze(1), grid)  # (B, 1, w, w) @ (B, h, w, C) -> (B, h, w, C)
-    return grid.reshape(queries.shape)  # (B, h·w, C)
-
-
-def _check_blur_operands(name: str, queries: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> None:
-    """Eager-mode guard (skipped while tracing, where it would freeze sizes into the graph)."""
-    batch, tokens = queries.shape[0], queries.shape[1]
-    if a_h.dim() != 3 or a_w.dim() != 3 or a_h.shape[1] != a_h.shape[2] or a_w.shape[1] != a_w.shape[2]:
-        raise ValueError(
-            f"{name}: blur matrices must be (B, h, h) and (B, w, w), got {tuple(a_h.shape)}, {tuple(a_w.shape)}"
-        )
-    if a_h.shape[0] != batch or a_w.shape[0] != batch:
-        raise ValueError(f"{name}: blur matrices hold {a_h.shape[0]}/{a_w.shape[0]} rows, the batch has {batch}")
-    if a_h.shape[1] * a_w.shape[1] != tokens:
-        raise ValueError(
-            f"{name}: blur matrices for a {a_h.shape[1]}×{a_w.shape[1]} grid, but the layer has {tokens} tokens"
-        )
-    if a_h.dtype != queries.dtype or a_w.dtype != queries.dtype:
-        raise ValueError(f"{name}: blur matrices are {a_h.dtype}/{a_w.dtype}, the queries {queries.dtype}")
 
 
 # --- flavour adapters: how to call each kind of UNet -----------------------------------------
@@ -166,19 +132,15 @@ def unet_call(unet: nn.Module, flavour: str) -> UNetCall:
     raise ValueError(f"unknown UNet flavour {flavour!r}; expected one of {FLAVOURS}")
 
 
-# --- levels of the chosen layers -------------------------------------------------------------
+# --- the chosen layers as the export reports them ---------------------------------------------
 
 
 @dataclass(frozen=True)
 class BlurSite:
     """A chosen SEG layer and the token-grid level its queries live on."""
 
-    layer: SelfAttentionLayer
+    layer: AttentionLayer
     level: int
-
-
-def _downsampler_count(unet: nn.Module) -> int:
-    return sum(type(module).__name__ in ("Downsample2D", "Downsample") for module in unet.modules())
 
 
 def _parameter(unet: nn.Module) -> torch.Tensor:
@@ -186,32 +148,6 @@ def _parameter(unet: nn.Module) -> torch.Tensor:
         return next(unet.parameters())
     except StopIteration:
         raise ValueError("the UNet has no parameters") from None
-
-
-def probe_levels(unet: nn.Module, call: UNetCall, layers: Sequence[SelfAttentionLayer]) -> list[int]:
-    """The grid level of each layer, measured: one forward at a latent of ``2^(n+1) × 2^(n+2)``.
-
-    With ``n`` stride-2 downsamplers, every grid of that latent is an exact power-of-two
-    fraction of it, so ``level = log2(H / h)``; the grids come from the spatial transformers'
-    inputs, recorded by the core's :class:`QueryBlurPatch` (which blurs nothing here).
-    """
-    exponent = _downsampler_count(unet) + 1
-    latent = (2**exponent, 2 ** (exponent + 1))
-    parameter = _parameter(unet)
-    inputs = example_conditioning(call, 1, latent, TOKENS_PER_CHUNK, parameter.dtype, parameter.device)
-    with torch.no_grad(), QueryBlurPatch(layers) as patch:
-        call(unet, inputs)
-        grids = [patch.recorded_grid(layer) for layer in layers]
-    levels = []
-    for layer, grid in zip(layers, grids):
-        if grid is None:
-            raise RuntimeError(f"probe forward did not reach {layer.name}")
-        ratios = (latent[0] / grid[0], latent[1] / grid[1])
-        level = round(math.log2(ratios[0]))
-        if ratios[0] != ratios[1] or 2**level != ratios[0]:
-            raise RuntimeError(f"{layer.name}: grid {grid} of a {latent} latent is not a power-of-two level")
-        levels.append(level)
-    return levels
 
 
 def example_conditioning(
@@ -256,11 +192,10 @@ class SegExportUNet(nn.Module):
         self.flavour = flavour
         self.layer_spec = layers
         self.call = unet_call(unet, flavour)
-        chosen = select_layers(self_attention_layers(unet), layers)
-        levels = probe_levels(unet, self.call, chosen)
-        self.sites = tuple(BlurSite(layer, level) for layer, level in zip(chosen, levels))
-        self.levels = tuple(sorted({site.level for site in self.sites}))
-        self.downsamplings = _downsampler_count(unet)
+        self.layers = tuple(select_layers(self_attention_layers(unet), layers))
+        self.sites = tuple(BlurSite(layer, layer.level) for layer in self.layers)
+        self.levels = tuple(sorted({layer.level for layer in self.layers}))
+        self.downsamplings = downsampling_count(unet)
         blur_names = tuple(name for level in self.levels for name in blur_input_names(level))
         self.conditioning_names = (SAMPLE, TIMESTEP, CONTEXT, *self.call.extra_names)
         self.input_names = (*self.conditioning_names, *blur_names)
@@ -271,7 +206,7 @@ class SegExportUNet(nn.Module):
             raise TypeError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         named = dict(zip(self.input_names, inputs))
         matrices = {level: tuple(named[name] for name in blur_input_names(level)) for level in self.levels}
-        with self._blur_hooks(matrices):
+        with QueryBlurPatch(self.layers, self.layer_spec) as patch, patch.applying_matrices(matrices):
             return self.call(self.unet, named)
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -281,27 +216,6 @@ class SegExportUNet(nn.Module):
         if unknown or missing:
             raise KeyError(f"inputs: missing {missing}, unknown {sorted(unknown)}")
         return self(*(inputs[name] for name in self.input_names))
-
-    @contextlib.contextmanager
-    def _blur_hooks(self, matrices: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-        handles = []
-        try:
-            for site in self.sites:
-                hook = self._blur_hook(site, *matrices[site.level])
-                handles.append(site.layer.query_proj.register_forward_hook(hook))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @staticmethod
-    def _blur_hook(site: BlurSite, a_h: torch.Tensor, a_w: torch.Tensor):
-        def hook(module: nn.Module, args: tuple, queries: torch.Tensor) -> torch.Tensor:
-            if not torch.jit.is_tracing():
-                _check_blur_operands(site.layer.name, queries, a_h, a_w)
-            return apply_blur_matrices(queries, a_h, a_w)
-
-        return hook
 
     def general_latent_size(self) -> tuple[int, int]:
         """``(2·2^n + 1, 3·2^n + 1)`` for ``n`` downsamplings: odd at every level, a non-square grid.

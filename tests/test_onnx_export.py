@@ -29,7 +29,7 @@ from seg_tsam.export.onnx_checks import OnnxCheckError, check_onnx_for_tensorrt
 from seg_tsam.export.onnx_export import OnnxExportError, export_onnx, hooked_modules, keep_installed_attention
 from seg_tsam.export.seg_unet import SegExportUNet, apply_blur_matrices, blur_matrix_inputs, grid_at_level
 from seg_tsam.extension.adapters.diffusers import tiny_models
-from seg_tsam.extension.adapters.unet_layers import self_attention_layers
+from seg_tsam.extension.adapters.unet_layers import attention_layers, downsampling_count, self_attention_layers
 from seg_tsam.extension.core.blur import blur_matrices, blur_queries
 from seg_tsam.extension.core.layers import select_layers
 from seg_tsam.extension.core.query_blur_patch import QueryBlurPatch
@@ -420,25 +420,56 @@ class WebUICatShim:
         return torch.cat(tensors, *args, **kwargs)
 
 
-def tiny_openai_unet(modules, flavour: str) -> torch.nn.Module:
-    """Small ldm (SD1 layout: attention at both levels) / sgm (SDXL layout: depth-2 transformers, ``y``)."""
+def tiny_openai_unet(modules, flavour: str, **overrides) -> torch.nn.Module:
+    """Small ldm (SD1 layout: attention at both levels) / sgm (SDXL layout: depth-2 transformers, ``y``).
+
+    ``overrides`` replace ``UNetModel`` arguments (e.g. more levels, ``resblock_updown``).
+    """
     torch.manual_seed(0)
     common = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1, channel_mult=[1, 2],
                   num_head_channels=8, use_spatial_transformer=True, legacy=False)
+    if flavour == "ldm":
+        arguments = dict(common, image_size=16, attention_resolutions=[1, 2], transformer_depth=1, context_dim=32)
+    else:
+        arguments = dict(common, attention_resolutions=[2], transformer_depth=[1, 2], context_dim=64,
+                         use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=48)
     with contextlib.redirect_stdout(None):
-        if flavour == "ldm":
-            unet = modules["ldm"].UNetModel(image_size=16, attention_resolutions=[1, 2], transformer_depth=1,
-                                            context_dim=32, **common)
-        else:
-            unet = modules["sgm"].UNetModel(attention_resolutions=[2], transformer_depth=[1, 2], context_dim=64,
-                                            use_linear_in_transformer=True, num_classes="sequential",
-                                            adm_in_channels=48, **common)
+        unet = modules[flavour].UNetModel(**{**arguments, **overrides})
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # zero-initialised output layers would hide every difference
         for parameter in unet.parameters():
             if not parameter.any():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return unet.eval()
+
+
+@pytest.mark.filterwarnings("ignore:.*sdp_kernel.*:FutureWarning")  # sgm's attention uses the old context manager
+@pytest.mark.parametrize(
+    "flavour, overrides, levels, latents",
+    [("ldm", {}, {0, 1}, [(9, 13), (11, 7)]),
+     # ResBlock(down=True) pools without a conv, which floors odd sides: non-square multiples of 4 instead.
+     ("ldm", dict(channel_mult=[1, 2, 2], attention_resolutions=[1, 2, 4], resblock_updown=True), {0, 1, 2},
+      [(12, 20), (16, 8)]),
+     ("sgm", {}, {1}, [(9, 13), (11, 7)])],
+    ids=["ldm", "ldm-resblock-updown", "sgm"],
+)
+def test_webui_unet_levels_equal_the_grids_a_forward_measures(openaimodel_modules, flavour, overrides, levels,
+                                                              latents, monkeypatch):
+    """The layer table's levels against each grid source's input in a forward at non-square latents
+    (odd where the UNet downsamples with strided convolutions, as the SD models do)."""
+    from test_unet_layers import assert_levels_match_the_forward, measured_grids
+
+    monkeypatch.setattr(openaimodel_modules[flavour], "th", WebUICatShim())
+    unet = tiny_openai_unet(openaimodel_modules, flavour, **overrides)
+    layers = attention_layers(unet)
+    assert {layer.level for layer in layers} == levels
+    context_width = 32 if flavour == "ldm" else 64
+    for latent in latents:
+        args = [torch.randn(1, 4, *latent), torch.tensor([10.0]), torch.randn(1, 77, context_width)]
+        args += [torch.randn(1, 48)] if flavour == "sgm" else []
+        grids = measured_grids(unet, layers, lambda: unet(*args))
+        assert_levels_match_the_forward(layers, grids, latent)
+    assert downsampling_count(unet) == len(overrides.get("channel_mult", [1, 2])) - 1
 
 
 @pytest.mark.filterwarnings("ignore:.*sdp_kernel.*:FutureWarning")  # sgm's attention uses the old context manager

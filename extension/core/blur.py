@@ -140,3 +140,39 @@ def blur_queries(queries: torch.Tensor, grid_size: tuple[int, int], sigma: float
         raise ValueError(f"grid {height}×{width} does not hold {tokens} tokens")
     blurred = blur_grid(queries.reshape(rows, height, width, channels), sigma)
     return blurred.reshape(rows, tokens, channels)
+
+
+def apply_blur_matrices(queries: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """``Q'[b] = A_h[b] · Q[b] · A_w[b]ᵀ`` per channel for ``(B, h·w, C)`` row-major queries.
+
+    The runtime form of the blur: ``a_h`` is ``(B, h, h)``, ``a_w`` is ``(B, w, w)``, one pair
+    per row, so one call blurs some rows with any σ and leaves identity rows exactly as they
+    were. ``h`` and ``w`` come from the matrices' shapes: two batched matmuls and reshapes,
+    nothing derived from values, so a traced graph (the ONNX export) holds no value-dependent shape.
+    """
+    batch, height, width = a_h.shape[0], a_h.shape[-1], a_w.shape[-1]
+    grid = queries.reshape(batch, height, -1)  # (B, h, w·C)
+    grid = torch.matmul(a_h, grid)  # (B, h, h) @ (B, h, w·C) -> (B, h, w·C)
+    grid = grid.reshape(batch, height, width, -1)  # (B, h, w, C)
+    grid = torch.matmul(a_w.unsqueeze(1), grid)  # (B, 1, w, w) @ (B, h, w, C) -> (B, h, w, C)
+    return grid.reshape(queries.shape)  # (B, h·w, C)
+
+
+def check_blur_operands(name: str, queries: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> None:
+    """Eager-mode guard for :func:`apply_blur_matrices`: a clear error instead of a wrong reshape.
+
+    Skip it while tracing: its comparisons would freeze the example's sizes into the graph.
+    """
+    batch, tokens = queries.shape[0], queries.shape[1]
+    if a_h.dim() != 3 or a_w.dim() != 3 or a_h.shape[1] != a_h.shape[2] or a_w.shape[1] != a_w.shape[2]:
+        raise ValueError(
+            f"{name}: blur matrices must be (B, h, h) and (B, w, w), got {tuple(a_h.shape)}, {tuple(a_w.shape)}"
+        )
+    if a_h.shape[0] != batch or a_w.shape[0] != batch:
+        raise ValueError(f"{name}: blur matrices hold {a_h.shape[0]}/{a_w.shape[0]} rows, the batch has {batch}")
+    if a_h.shape[1] * a_w.shape[1] != tokens:
+        raise ValueError(
+            f"{name}: blur matrices for a {a_h.shape[1]}×{a_w.shape[1]} grid, but the layer has {tokens} tokens"
+        )
+    if a_h.dtype != queries.dtype or a_w.dtype != queries.dtype:
+        raise ValueError(f"{name}: blur matrices are {a_h.dtype}/{a_w.dtype}, the queries {queries.dtype}")

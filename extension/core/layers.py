@@ -11,6 +11,8 @@ Grammar (case-insensitive, spaces ignored, items separated by commas)::
     letter:= "d" | "m" | "u"
 
 Parsing needs no model; :func:`resolve_layer_spec` checks indices against a model's counts.
+Adapters describe a model's layers as :class:`AttentionLayer` rows (one table per UNet, see
+``extension/adapters/unet_layers.py``); selection and the query patch work on those rows.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:  # layer specs and grids need no torch: the export's profiles import them torch-free
+    from torch import nn
 
 STAGES = ("down", "mid", "up")
+KINDS = ("self", "cross")
 _STAGE_WORDS = {"down": "down", "input": "down", "mid": "mid", "middle": "mid", "up": "up", "output": "up"}
 _LETTERS = {"d": "down", "m": "mid", "u": "up"}
 _INDEXED = re.compile(r"^([dmu])(\d+)(?:-(\d+))?$")
@@ -40,6 +46,26 @@ def grid_at_level(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
     for _ in range(level):
         height, width = -(-height // 2), -(-width // 2)
     return height, width
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One transformer attention module of a UNet, placed without running the model.
+
+    ``index`` is the layer's position among the layers of its stage and kind, in forward order:
+    for self-attention it is the number SEG's spec counts (``d0…``, ``m0…``, ``u0…``).
+    ``level`` is the number of stride-2 downsamplings between the latent and the layer's
+    token grid, so the grid of an ``(H, W)`` latent is :func:`grid_at_level` of it.
+    """
+
+    name: str  #: module path in the UNet, e.g. ``mid_block.attentions.0.transformer_blocks.0.attn1``
+    kind: str  #: "self" (``attn1``) or "cross" (``attn2``)
+    stage: str  #: "down", "mid" or "up"
+    index: int  #: position within its stage and kind, forward order
+    level: int  #: stride-2 downsamplings between the latent and this layer's token grid
+    module: nn.Module  #: the attention module itself
+    query_proj: nn.Module  #: its query projection (``to_q``)
+    grid_source: nn.Module  #: the spatial transformer whose (B, C, h, w) input gives the exact grid
 
 
 class LayerSpecError(ValueError):

@@ -7,7 +7,8 @@ out (the UNet, the hijacked text encoders and their ``PromptChunk`` lists).
 
 **Which cross-attention layers (S).** Every ``attn2`` of the UNet has a resolution level:
 the number of stride-2 downsamplings before it (ceil halvings of the latent, so the token
-grid of level ``l`` is :func:`grid_at_level` of the latent). The default level is 2, latent/4:
+grid of level ``l`` is :func:`grid_at_level` of the latent), read from the UNet's layer
+table (:func:`..unet_layers.cross_attention_layers`). The default level is 2, latent/4:
 the official code's 16×16 maps of SD1.5 at 512² (5 layers: ``input_blocks.7/8`` and
 ``output_blocks.3/4/5``; SDXL: ``input_blocks.7/8``, the middle block and
 ``output_blocks.0/1/2``). A UNet without cross-attention at that level (e.g. a tiny test
@@ -53,7 +54,9 @@ from torch import nn
 from ...core import tsam
 from ...core.tsam import ChunkTarget, PromptTarget
 from ...core.attention_capture import AttentionCapture, frozen_parameters
+from ...core.layers import AttentionLayer
 from ..text_attention import no_new_capture_hooks
+from ..unet_layers import cross_attention_layers
 
 logger = logging.getLogger("seg_tsam")
 
@@ -67,47 +70,7 @@ _MISSING = object()
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LdmCrossAttentionLayer:
-    """One ``attn2`` of an ldm/sgm ``UNetModel`` and its resolution level."""
-
-    name: str  #: e.g. ``input_blocks.7.1.transformer_blocks.0.attn2``
-    module: nn.Module  #: the ldm/sgm ``CrossAttention`` (or a memory-efficient variant)
-    level: int  #: the feature map is the latent halved (with ceil) ``level`` times
-
-
-def _contains(block: nn.Module, class_name: str) -> bool:
-    return any(type(module).__name__ == class_name for module in block.modules())
-
-
-def _block_cross_attention(block: nn.Module, prefix: str, level: int) -> list[LdmCrossAttentionLayer]:
-    return [
-        LdmCrossAttentionLayer(f"{prefix}.{name}", module, level)
-        for name, module in block.named_modules()
-        if name.endswith(".attn2") and hasattr(module, "to_q") and hasattr(module, "to_k")
-    ]
-
-
-def cross_attention_layers(unet: nn.Module) -> list[LdmCrossAttentionLayer]:
-    """Every ``attn2`` of an ldm/sgm UNet with its level, in forward order.
-
-    An input block holding a ``Downsample`` (ldm puts it in a block of its own, or inside a
-    ``ResBlock(down=True)``) sends the next blocks one level down; the middle block runs at the
-    lowest level; an output block holding an ``Upsample`` sends the next ones one level up.
-    """
-    layers: list[LdmCrossAttentionLayer] = []
-    level = 0
-    for index, block in enumerate(unet.input_blocks):
-        layers += _block_cross_attention(block, f"input_blocks.{index}", level)
-        level += 1 if _contains(block, "Downsample") else 0
-    layers += _block_cross_attention(unet.middle_block, "middle_block", level)
-    for index, block in enumerate(unet.output_blocks):
-        layers += _block_cross_attention(block, f"output_blocks.{index}", level)
-        level -= 1 if _contains(block, "Upsample") else 0
-    return layers
-
-
-def coarse_level(layers: Sequence[LdmCrossAttentionLayer], preferred: int = DEFAULT_LEVEL) -> int:
+def coarse_level(layers: Sequence[AttentionLayer], preferred: int = DEFAULT_LEVEL) -> int:
     """``preferred`` if some ``attn2`` runs there, else the coarsest level with cross-attention."""
     levels = {layer.level for layer in layers}
     if not levels:
@@ -186,7 +149,7 @@ class LdmCrossAttentionCapture(AttentionCapture):
             module.forward = self._capturing_forward(layer)
             yield lambda module=module, previous=previous: _set_instance_forward(module, previous)
 
-    def _capturing_forward(self, layer: LdmCrossAttentionLayer):
+    def _capturing_forward(self, layer: AttentionLayer):
         def forward(x, context=None, mask=None, additional_tokens=None, n_times_crossframe_attn_in_self=0, **kwargs):
             if mask is not None or additional_tokens is not None or n_times_crossframe_attn_in_self or kwargs:
                 raise NotImplementedError(f"T-SAM: {layer.name} was called with masks or extra tokens")

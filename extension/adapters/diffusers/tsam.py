@@ -35,9 +35,11 @@ from torch import nn
 
 from ...core import tsam, tsam_descent
 from ...core.attention_capture import AttentionCapture, frozen_parameters
+from ...core.layers import AttentionLayer
 from ...core.tsam import PromptTarget, TsamSettings
 from ...core.tsam_descent import UnetCall
 from ..text_attention import eager_attention, no_new_capture_hooks
+from ..unet_layers import cross_attention_layers
 from .conditioning import RowConditioning, is_sdxl
 
 logger = logging.getLogger("seg_tsam")
@@ -51,45 +53,11 @@ DEFAULT_LEVEL = 2
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CrossAttentionLayer:
-    """One ``attn2`` module of a ``UNet2DConditionModel`` and the resolution level it runs at."""
+def coarse_cross_attention_layers(unet: nn.Module, level: int = DEFAULT_LEVEL) -> list[AttentionLayer]:
+    """The ``attn2`` layers at ``level`` (SD1.x: 5 layers at latent/4; SDXL: down 2, mid, up 0).
 
-    name: str  #: module path, e.g. ``down_blocks.2.attentions.0.transformer_blocks.0.attn2``
-    module: nn.Module  #: the diffusers ``Attention``
-    level: int  #: the block's feature map is the latent halved (with ceil) ``level`` times
-
-
-def _block_cross_attention(block: nn.Module, prefix: str, level: int) -> list[CrossAttentionLayer]:
-    return [
-        CrossAttentionLayer(f"{prefix}.{name}", module, level)
-        for name, module in block.named_modules()
-        if name.endswith(".attn2") and hasattr(module, "to_q") and hasattr(module, "set_processor")
-    ]
-
-
-def cross_attention_layers(unet: nn.Module) -> list[CrossAttentionLayer]:
-    """Every ``attn2`` of the UNet with its level, read from the block structure.
-
-    Each down block runs at the current level and its downsampler (if any) goes one level
-    down; the middle block runs at the lowest level; each up block runs at the current
-    level and its upsampler (if any) goes one level up.
+    Levels come from the UNet's layer table (:mod:`..unet_layers`).
     """
-    layers: list[CrossAttentionLayer] = []
-    level = 0
-    for index, block in enumerate(unet.down_blocks):
-        layers += _block_cross_attention(block, f"down_blocks.{index}", level)
-        level += 1 if getattr(block, "downsamplers", None) else 0
-    if getattr(unet, "mid_block", None) is not None:
-        layers += _block_cross_attention(unet.mid_block, "mid_block", level)
-    for index, block in enumerate(unet.up_blocks):
-        layers += _block_cross_attention(block, f"up_blocks.{index}", level)
-        level -= 1 if getattr(block, "upsamplers", None) else 0
-    return layers
-
-
-def coarse_cross_attention_layers(unet: nn.Module, level: int = DEFAULT_LEVEL) -> list[CrossAttentionLayer]:
-    """The ``attn2`` layers at ``level`` (SD1.x: 5 layers at latent/4; SDXL: down 2, mid, up 0)."""
     layers = cross_attention_layers(unet)
     chosen = [layer for layer in layers if layer.level == level]
     if not chosen:
