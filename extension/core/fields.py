@@ -56,6 +56,7 @@ class FieldSpec:
     only_with: str | None = None
     api_note: str = ""  #: what the API accepts beyond the widget's range, for the docs
     widget_default: Any = None  #: what the widget shows for a field whose default is unset (None)
+    format: Callable[[Any], Any] | None = None  #: how a value is written (infotext, API dicts, docs)
 
 
 def setting(default: Any, **spec: Any) -> Any:
@@ -146,8 +147,13 @@ def infotext_keys(cls: type) -> dict[str, str]:
     return {field.name: field.spec.infotext for field in fields_of(cls) if field.spec.infotext}
 
 
-def display(value: Any) -> Any:
-    """How a value is written out (infotext, API dicts, docs): infinities as ``inf``."""
+def display(value: Any, field: Field | None = None) -> Any:
+    """How a value is written out (infotext, API dicts, docs): the field's ``format``, else
+    infinities as ``inf``; unset (None) stays None."""
+    if value is None:
+        return None
+    if field is not None and field.spec.format is not None:
+        return field.spec.format(value)
     return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
@@ -160,7 +166,7 @@ def to_infotext(settings: Any) -> dict[str, Any]:
         gate = field.spec.only_with
         value = getattr(settings, field.name)
         if field.spec.infotext and value is not None and (gate is None or getattr(settings, gate)):
-            entries[field.spec.infotext] = display(value)
+            entries[field.spec.infotext] = display(value, field)
     return entries
 
 
@@ -189,6 +195,6 @@ def markdown_table(cls: type) -> str:
     for index, field in enumerate(fields_of(cls)):
         spec = field.spec
         info = spec.info + (f" {spec.api_note}" if spec.api_note else "")
-        rows.append(f"| {spec.label} | {index} / `{field.name}` | `{'unset' if field.default is None else display(field.default)}` | "
+        rows.append(f"| {spec.label} | {index} / `{field.name}` | `{'unset' if field.default is None else display(field.default, field)}` | "
                     f"{f'`{spec.infotext}`' if spec.infotext else '–'} | {spec.axis or '–'} | {info} |")
     return "\n".join(rows)

@@ -130,7 +130,7 @@ class SegSettings:
         info="How strongly sampling is pushed away from the blurred prediction. 3 is the paper's value; 0 turns SEG off.")
     sigma: float = setting(
         math.inf, label="Blur σ", control=Control("dropdown", choices=SIGMA_CHOICES, custom_values=True),
-        parse=sigma_field("sigma"), infotext="SEG sigma", axis="[SEG] Sigma", user_default=True,
+        parse=sigma_field("sigma"), format=format_sigma, infotext="SEG sigma", axis="[SEG] Sigma", user_default=True,
         info="Blur width in tokens. inf (any σ > 9999) replaces each query by the mean query: strongest, the "
              "paper's best; smaller is gentler; 0 is no blur. Type any number ≥ 0.")
     layers: str = setting(
@@ -161,7 +161,7 @@ class SegSettings:
         widget_default=3.0, info="SEG scale of the hires. fix second pass (unset: the first pass's).")
     hires_sigma: float | None = setting(
         None, label="Hires blur σ", control=Control("dropdown", choices=SIGMA_CHOICES, custom_values=True),
-        parse=optional(sigma_field("hires_sigma")), infotext="SEG hires sigma", only_with="hires_override",
+        parse=optional(sigma_field("hires_sigma")), format=format_sigma, infotext="SEG hires sigma", only_with="hires_override",
         api_note="Giving it turns the override on.", widget_default="inf",
         info="Blur σ of the hires. fix second pass (unset: the first pass's).")
 
@@ -203,7 +203,7 @@ class SegSettings:
         return fields.from_mapping(cls, values, "SEG", enabled_default=enabled_default)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: fields.display(value) for name, value in dataclasses.asdict(self).items()}
+        return {field.name: fields.display(getattr(self, field.name), field) for field in fields.fields_of(type(self))}
 
 
 #: Infotext key of each field (written for every image, read back by paste / PNG info).

@@ -24,7 +24,7 @@ def default_option_key(prefix: str, name: str) -> str:
 
 def widget_value(field: Field, prefix: str) -> Any:
     """What a widget starts at: the user's default from Settings, else the field's default."""
-    default = field.spec.widget_default if field.default is None else fields.display(field.default)
+    default = field.spec.widget_default if field.default is None else fields.display(field.default, field)
     if field.spec.user_default:
         default = option(default_option_key(prefix, field.name), default)
     return str(default) if field.spec.control.kind == "dropdown" else default
@@ -86,7 +86,7 @@ def settings_options(cls: type, prefix: str, method: str) -> dict[str, Any]:
                                                     "step": control.step}
         elif control.kind == "radio":
             component, component_args = gr.Radio, {"choices": list(control.choices)}
-        default = fields.display(field.default)
+        default = fields.display(field.default, field)
         options[default_option_key(prefix, field.name)] = shared.OptionInfo(
             str(default) if control.kind == "dropdown" else default, f"{method}: default {field.spec.label.lower()}",
             component, component_args).info(field.spec.info)

@@ -51,7 +51,7 @@ def test_status_and_engine_list_answer():
 @pytest.mark.parametrize("payload, message", [
     ({"preset": "nope"}, "unknown preset"),
     ({"precision": "int8"}, "precision"),
-    ({"seg_layers": "../../x"}, "layer names"),
+    ({"seg_layers": "../../x"}, "SEG layers: unknown layer '../../x'"),
     ({"path": "/tmp/evil.onnx"}, "unknown field"),
     ({"preset": None, "profile": {"images": 1, "height": 500, "width": 512}}, "height"),
 ])
