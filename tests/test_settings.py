@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from seg_tsam.extension.core.settings import SegSettings, SettingsError, parse_sigma, step_fraction_active
 
@@ -98,3 +99,49 @@ def test_infotext_round_trip_through_text():
     assert "SEG hires scale" not in entries
     assert SegSettings.from_infotext({"Steps": "20"}) == SegSettings(enabled=False)
     assert SegSettings().to_infotext() == {}
+
+
+# --- off means off; numbers at the edges (issue: "What a WebUI user meets", defects 1 and 3) -----------
+
+
+def test_a_switched_off_method_reads_nothing_but_its_switch():
+    from seg_tsam.extension.core import fields
+    from seg_tsam.extension.core.tsam import TsamSettings
+
+    assert fields.from_args(SegSettings, [False, 3, "inf", "z9"], "SEG") == SegSettings()
+    assert fields.from_args(SegSettings, [{"enabled": False, "layers": "z9", "typo": 1}], "SEG") == SegSettings()
+    assert fields.from_args(TsamSettings, [False, 5, 0.6, 1, "abc"], "T-SAM") == TsamSettings()
+    with pytest.raises(SettingsError, match="enabled: expected true or false"):
+        fields.from_args(SegSettings, ["yes", 3, "inf", "mid"], "SEG")
+    with pytest.raises(SettingsError, match="layers: unknown layer 'z9'"):  # an X/Y/Z cell turns it on
+        fields.from_args(SegSettings, [False, 3, "inf", "z9"], "SEG", {"scale": 2})
+
+
+@pytest.mark.parametrize("sigma", [1e-200, 1e-300, 5e-324, 1e-163])
+def test_a_sigma_too_small_to_blur_is_the_identity(sigma):
+    from seg_tsam.extension.core.blur import blur_matrix, blur_queries
+
+    for axis in (1, 2, 7):
+        assert torch.equal(blur_matrix(axis, parse_sigma(sigma), dtype=torch.float64), torch.eye(axis, dtype=torch.float64))
+    queries = torch.randn(2, 5 * 3, 4)
+    assert torch.equal(blur_queries(queries, (5, 3), parse_sigma(sigma)), queries)
+
+
+def test_integers_too_large_for_a_float_have_their_meaning_or_a_message():
+    from seg_tsam.extension.core import fields
+    from seg_tsam.extension.core.tsam import TsamSettings
+
+    huge = 10**400
+    assert SegSettings(enabled=True, sigma=huge).sigma == math.inf  # σ > 9999 is ∞
+    for field in ("scale", "start"):
+        with pytest.raises(SettingsError, match=f"^{field}"):
+            SegSettings(enabled=True, **{field: huge})
+    with pytest.raises(SettingsError, match=r"^iterations: expected a whole number, got an integer of about 401 digits"):
+        fields.from_args(TsamSettings, [{"iterations": huge}], "T-SAM")
+    with pytest.raises(SettingsError, match="^strength"):
+        fields.from_args(TsamSettings, [{"strength": -huge}], "T-SAM")
+    with pytest.raises(SettingsError, match="^layers: layer index in 'd9999.*more than 4 digits"):
+        SegSettings(enabled=True, layers="d" + "9" * 5000)
+    with pytest.raises(SettingsError, match="^sigma: expected a number, got 'xxxx") as error:
+        parse_sigma("x" * 5000)
+    assert len(str(error.value)) < 100  # long values are cut in messages

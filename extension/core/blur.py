@@ -42,8 +42,14 @@ def axis_kernel_size(size: int, axis_len: int) -> int:
 
 
 def gaussian_taps(sigma: float, size: int) -> torch.Tensor:
-    """Normalised Gaussian weights at integer offsets ``-(size-1)/2 … (size-1)/2`` (float64)."""
+    """Normalised Gaussian weights at integer offsets ``-(size-1)/2 … (size-1)/2`` (float64).
+
+    A σ so small that ``2σ²`` underflows to 0 (σ < ~1e-162) has every off-centre weight 0, as
+    all σ below ~0.026 already do: the identity, not ``0/0``.
+    """
     offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    if 2.0 * sigma**2 == 0.0:
+        return (offsets == 0).to(torch.float64)
     weights = torch.exp(-(offsets**2) / (2.0 * sigma**2))
     return weights / weights.sum()
 

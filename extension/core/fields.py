@@ -26,6 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages (a 10 000-digit value stays readable)."""
+    if isinstance(value, int) and value.bit_length() > 3 * limit:  # repr() refuses > 4300 digits
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class SettingsError(ValueError):
     """A setting out of range or of the wrong type; the message names the field."""
 
@@ -129,11 +137,21 @@ def from_mapping(cls: type, values: Mapping[str, Any], method: str, *, enabled_d
 def from_args(cls: type, args: Sequence[Any], method: str, overrides: Mapping[str, Any] | None = None):
     """Settings from a script's arguments: positional in field order, or one named dict first.
 
-    ``overrides`` (X/Y/Z cells) replace fields and turn the method on."""
-    if args and isinstance(args[0], Mapping):
-        settings = from_mapping(cls, args[0], method)
+    ``overrides`` (X/Y/Z cells) replace fields and turn the method on. A method that is off reads
+    nothing but its switch: off means off, whatever the other values are (the UI keeps the
+    values of a switched-off accordion, the API's defaults may be anything)."""
+    named = bool(args) and isinstance(args[0], Mapping)
+    values = dict(args[0]) if named else dict(zip(positional_names(cls), args))
+    enabled = values.get("enabled", named)
+    if overrides:
+        enabled = True
+    if enabled is False:
+        return cls()
+    fields_of(cls)[0].spec.parse(enabled)  # a switch that is neither true nor false is an error
+    if named:
+        settings = from_mapping(cls, values, method)
     else:
-        settings = cls(**_without_gated_off(cls, dict(zip(positional_names(cls), args))))
+        settings = cls(**_without_gated_off(cls, values))
     if overrides:
         unknown = sorted(set(overrides) - set(positional_names(cls)))
         if unknown:

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from .fields import shown
+
 if TYPE_CHECKING:  # layer specs and grids need no torch: the export's profiles import them torch-free
     from torch import nn
 
@@ -29,6 +31,7 @@ STAGES = ("down", "mid", "up")
 KINDS = ("self", "cross")
 _STAGE_WORDS = {"down": "down", "input": "down", "mid": "mid", "middle": "mid", "up": "up", "output": "up"}
 _LETTERS = {"d": "down", "m": "mid", "u": "up"}
+MAX_INDEX_DIGITS = 4  #: longer layer indices are refused before int() (which refuses > 4300 digits)
 _INDEXED = re.compile(r"^([dmu])(\d+)(?:-(\d+))?$")
 
 
@@ -84,7 +87,7 @@ class LayerRange:
 def parse_layer_spec(spec: str) -> tuple[LayerRange, ...]:
     """Parse a spec into ranges; raise :class:`LayerSpecError` with the offending item."""
     if not isinstance(spec, str):
-        raise LayerSpecError(f"layers must be a string such as 'mid' or 'd4,m0-9', got {spec!r}")
+        raise LayerSpecError(f"layers must be a string such as 'mid' or 'd4,m0-9', got {shown(spec)}")
     items = [item for item in spec.replace(" ", "").lower().split(",") if item]
     if not items:
         raise LayerSpecError("layers is empty; use e.g. 'mid', 'down,up' or 'd4,d5,m0-9'")
@@ -94,15 +97,17 @@ def parse_layer_spec(spec: str) -> tuple[LayerRange, ...]:
             ranges.extend(LayerRange(stage) for stage in STAGES)
         elif item in _STAGE_WORDS:
             ranges.append(LayerRange(_STAGE_WORDS[item]))
-        elif match := _INDEXED.match(item):
+        elif (match := _INDEXED.match(item)) and max(len(match.group(2)), len(match.group(3) or "")) > MAX_INDEX_DIGITS:
+            raise LayerSpecError(f"layer index in {shown(item, 20)} has more than {MAX_INDEX_DIGITS} digits: no UNet has that many layers")
+        elif match:
             letter, first, last = match.group(1), int(match.group(2)), match.group(3)
             last_index = int(last) if last is not None else first
             if last_index < first:
-                raise LayerSpecError(f"layer range {item!r} runs backwards")
+                raise LayerSpecError(f"layer range {shown(item, 40)} runs backwards")
             ranges.append(LayerRange(_LETTERS[letter], first, last_index))
         else:
             raise LayerSpecError(
-                f"unknown layer {item!r}: use down/mid/up/all or d<i>, m<i>, u<i> with ranges like m0-9"
+                f"unknown layer {shown(item, 40)}: use down/mid/up/all or d<i>, m<i>, u<i> with ranges like m0-9"
             )
     return tuple(ranges)
 
@@ -122,7 +127,7 @@ def resolve_layer_spec(spec: str, counts: Mapping[str, int]) -> dict[str, tuple[
             )
         selected[layer_range.stage].update(range(layer_range.first, last + 1))
     if not any(selected.values()):
-        raise LayerSpecError(f"layers {spec!r} select no self-attention layer of this model ({dict(counts)})")
+        raise LayerSpecError(f"layers {shown(spec)} select no self-attention layer of this model ({dict(counts)})")
     return {stage: tuple(sorted(indices)) for stage, indices in selected.items()}
 
 

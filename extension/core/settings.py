@@ -15,7 +15,7 @@ from typing import Any
 
 from . import fields
 from .blur import is_infinite_sigma
-from .fields import Control, SettingsError, setting
+from .fields import Control, SettingsError, setting, shown
 from .layers import LayerSpecError, parse_layer_spec
 
 
@@ -27,7 +27,7 @@ SIGMA_CHOICES = ("inf", "64", "32", "16", "8", "4", "2", "1", "0.5")
 def parse_number(field: str, value: Any) -> float:
     """A finite-or-infinite float from a number or numeric string (bools and NaN rejected)."""
     if isinstance(value, bool) or value is None:
-        raise SettingsError(f"{field}: expected a number, got {value!r}")
+        raise SettingsError(f"{field}: expected a number, got {shown(value)}")
     if isinstance(value, str):
         text = value.strip().lower()
         if text in INFINITY_WORDS:
@@ -35,11 +35,13 @@ def parse_number(field: str, value: Any) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise SettingsError(f"{field}: expected a number, got {value!r}") from None
+            raise SettingsError(f"{field}: expected a number, got {shown(value)}") from None
     try:
         number = float(value)
+    except OverflowError:  # an integer too large for a float: ±infinity, which range checks then refuse
+        number = math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
-        raise SettingsError(f"{field}: expected a number, got {value!r}") from None
+        raise SettingsError(f"{field}: expected a number, got {shown(value)}") from None
     if math.isnan(number):
         raise SettingsError(f"{field}: NaN is not allowed")
     return number
@@ -60,7 +62,7 @@ def format_sigma(sigma: float) -> str:
 def parse_flag(field: str) -> Any:
     def parse(value: Any) -> bool:
         if not isinstance(value, bool):
-            raise SettingsError(f"{field}: expected true or false, got {value!r}")
+            raise SettingsError(f"{field}: expected true or false, got {shown(value)}")
         return value
 
     return parse
@@ -86,7 +88,7 @@ def plain_number(field: str) -> Any:
 def one_of(field: str, choices: tuple[str, ...]) -> Any:
     def parse(value: Any) -> str:
         if value not in choices:
-            raise SettingsError(f"{field}: must be one of {', '.join(choices)}, got {value!r}")
+            raise SettingsError(f"{field}: must be one of {', '.join(choices)}, got {shown(value)}")
         return value
 
     return parse

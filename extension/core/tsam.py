@@ -402,7 +402,7 @@ def parse_count(field: str, value: Any, low: int, high: int) -> int:
     """A whole number in ``[low, high]`` from an int, an integral float or a numeric string."""
     number = parse_number(field, value)
     if not math.isfinite(number) or number != int(number):
-        raise SettingsError(f"{field}: expected a whole number, got {value!r}")
+        raise SettingsError(f"{field}: expected a whole number, got {fields.shown(value)}")
     if not low <= number <= high:
         raise SettingsError(f"{field}: must be in [{low}, {high}], got {int(number)}")
     return int(number)
@@ -417,7 +417,7 @@ def parse_refinement_steps(value: Any) -> tuple[float, ...]:
         items = list(value)
     else:
         raise SettingsError(
-            f"refinement_steps: expected fractions such as '0,0.2,0.4' or 'none', got {value!r}"
+            f"refinement_steps: expected fractions such as '0,0.2,0.4' or 'none', got {fields.shown(value)}"
         )
     fractions = sorted({parse_number("refinement_steps", item) for item in items})
     for fraction in fractions:

@@ -66,6 +66,10 @@ class SegScript(scripts.Script):
             logger.error("SEG: %s", error)
             fail_sampling(p, SegError(f"Smoothed Energy Guidance: {error}"))
             return
+        except Exception as error:  # never skip SEG silently (the WebUI's script runner would swallow it)
+            logger.exception("SEG: could not read the arguments")
+            fail_sampling(p, SegError(f"Smoothed Energy Guidance: could not read the arguments: {error!s:.200}"))
+            return
         if not settings.has_effect:
             return
         p.extra_generation_params.update(settings.to_infotext())

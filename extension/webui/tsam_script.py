@@ -68,6 +68,10 @@ class TsamScript(scripts.Script):
             logger.error("T-SAM: %s", error)
             fail_sampling(p, TsamError(f"{TITLE}: {error}"))
             return
+        except Exception as error:  # never skip T-SAM silently (the WebUI's script runner would swallow it)
+            logger.exception("T-SAM: could not read the arguments")
+            fail_sampling(p, TsamError(f"{TITLE}: could not read the arguments: {error!s:.200}"))
+            return
         if not settings.has_effect:
             return
         p.extra_generation_params.update(settings.to_infotext())

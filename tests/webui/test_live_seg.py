@@ -177,8 +177,44 @@ BATCHED_VS_SEPARATE = {
 }
 
 
+#: Configurations whose float32 batching round-off is measured (below): the samplers that amplify it
+#: least and most, and an AND prompt (more rows per call).
+ROUNDOFF_PROBES = {"euler": {}, "ddim": {"sampler_name": "DDIM"}, "plms": {"sampler_name": "PLMS"},
+                   "unipc": {"sampler_name": "UniPC"}, "and-prompt": {"prompt": "a red cat AND a blue dog :0.6"}}
+
+
+def seg_roundoff_weight(cfg_scale: float, seg_scale: float) -> float:
+    """How much more a row's round-off weighs in SEG's combination than in plain CFG's:
+    ``ε_u + w(ε_c − ε_u) + s(ε_c − ε̃_c)`` sums ``|1−w| + |w+s| + |s|`` of the rows' errors, CFG
+    ``|1−w| + |w|``."""
+    w, s = cfg_scale, seg_scale
+    return (abs(1 - w) + abs(w + s) + abs(s)) / (abs(1 - w) + abs(w))
+
+
+@pytest.fixture(scope="module")
+def batching_roundoff(model):
+    """The float32 round-off of running the same rows in differently sized UNet calls, measured on
+    this model: the largest relative difference between the WebUI's "batch cond/uncond" on and
+    off, for plain CFG and for SEG's separate pass, over :data:`ROUNDOFF_PROBES`. Each of these
+    compares mathematically equal computations; so does SEG's batched vs separate pass."""
+    worst = 0.0
+    for fields in ROUNDOFF_PROBES.values():
+        for seg in (None, SEG_ON):
+            settings = [{"batch_cond_uncond": on, "seg_batch_rows": False} for on in (True, False)]
+            runs = [denoised_steps(seg=seg, override_settings=options, **fields) for options in settings]
+            worst = max(worst, relative_difference(*runs))
+    assert worst > 0, "batching changed nothing: no round-off scale to bound against"
+    return worst
+
+
+def roundoff_bound(batching_roundoff: float, seg=SEG_ON, cfg_scale: float = BASE["cfg_scale"]) -> float:
+    """The bound for SEG batched vs separate: the measured batching round-off, weighted as SEG's
+    combination weighs it (:func:`seg_roundoff_weight`)."""
+    return batching_roundoff * seg_roundoff_weight(cfg_scale, float(seg[1]))
+
+
 @pytest.mark.parametrize("case", list(BATCHED_VS_SEPARATE), ids=str)
-def test_batched_rows_equal_a_separate_pass(model, case):
+def test_batched_rows_equal_a_separate_pass(model, batching_roundoff, case):
     fields = dict(BATCHED_VS_SEPARATE[case])
     seg = fields.pop("_seg", SEG_ON)
     overrides = fields.pop("override_settings", {})
@@ -189,8 +225,9 @@ def test_batched_rows_equal_a_separate_pass(model, case):
 
     batched, separate = run(True), run(False)
     plain = denoised_steps(override_settings=overrides, **fields)
-    assert relative_difference(batched, separate) <= 1e-5
-    assert relative_difference(batched, plain) > 1e-3  # SEG did something in this configuration
+    bound = roundoff_bound(batching_roundoff, seg, fields.get("cfg_scale", BASE["cfg_scale"]))
+    assert relative_difference(batched, separate) <= bound
+    assert relative_difference(batched, plain) > 100 * bound  # SEG did something, far above round-off
 
 
 def test_start_fraction_counts_steps_from_the_first_model_call(model):

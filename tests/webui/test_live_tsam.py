@@ -17,7 +17,8 @@ import json
 import math
 
 import pytest
-from test_live_seg import URL, call, checkpoints, image_hash, interrupt_midway, probe_state, relative_difference
+from test_live_seg import (URL, batching_roundoff, call, checkpoints, image_hash, interrupt_midway, probe_state,  # noqa: F401
+                           relative_difference, roundoff_bound)
 
 pytestmark = pytest.mark.skipif(not URL, reason="SEG_TSAM_WEBUI_URL is not set (no live WebUI to test against)")
 
@@ -123,7 +124,7 @@ def test_named_and_positional_forms_and_infotext(model):
     assert status == 200 and image_hash(pasted) == image_hash(named)
 
 
-def test_each_image_of_a_batch_uses_its_own_prompt(model):
+def test_each_image_of_a_batch_uses_its_own_prompt(model, batching_roundoff):
     """Prompt matrix: one batch of two different prompts ("a red cat", "a red cat, on a blue
     table") with the same seed. Image 1 of the batch must follow the single-image run of its
     own prompt; had it used image 0's T, it would differ by T-SAM's effect (checked > 1e-3)."""
@@ -135,9 +136,11 @@ def test_each_image_of_a_batch_uses_its_own_prompt(model):
     assert len(batch[0]) == 2 and len(single[0]) == 1
     image_1 = [[step[1]] for step in batch]
     assert relative_difference(single, plain) > 1e-3  # T-SAM visibly acts on this prompt
-    assert relative_difference(image_1, single) <= 1e-5
+    # A batch of two vs a single image: the same computation in differently sized calls, so
+    # bounded by the measured batching round-off (no SEG here: weight 1).
+    assert relative_difference(image_1, single) <= batching_roundoff
     short = denoised_steps(tsam=[STRONG], prompt="a red cat")
-    assert relative_difference([[step[0]] for step in batch], short) <= 1e-5
+    assert relative_difference([[step[0]] for step in batch], short) <= batching_roundoff
 
 
 def test_prompt_of_100_tokens(model):
@@ -164,7 +167,7 @@ def test_show_maps_returns_extra_images(model):
         [image_hash(without, i) for i in range(len(without["images"]))]
 
 
-def test_tsam_together_with_seg(model):
+def test_tsam_together_with_seg(model, batching_roundoff):
     _, before = model
     seg_alone = denoised_steps(seg=SEG_ON)
     tsam_alone = denoised_steps(tsam=[STRONG])
@@ -174,7 +177,7 @@ def test_tsam_together_with_seg(model):
 
     batched, separate = both(True), both(False)
     # SEG's row bookkeeping is undisturbed by the T-SAM pass: its batched rows still equal a separate pass.
-    assert relative_difference(batched, separate) <= 1e-5
+    assert relative_difference(batched, separate) <= roundoff_bound(batching_roundoff)
     assert relative_difference(batched, seg_alone) > 1e-3 and relative_difference(batched, tsam_alone) > 1e-3
     info = json.loads(generate(tsam=[STRONG], seg=SEG_ON)["info"])["infotexts"][0]
     assert "SEG scale: 3.0" in info and "T-SAM strength: 500.0" in info
