@@ -57,7 +57,7 @@ def test_a_new_field_is_one_definition():
     class WithRescale(SegSettings):
         rescale: float = setting(0.0, label="Rescale", info="Rescale the guided prediction.", infotext="SEG rescale",
                                  axis="[SEG] Rescale", control=Control("slider", 0.0, 1.0, 0.05),
-                                 parse=number_in("rescale", 0, 1), user_default=True)
+                                 parse=number_in("rescale", 0, 1))
 
     names = fields.positional_names(WithRescale)
     assert names[-1] == "rescale" and names[:-1] == fields.positional_names(SegSettings)

@@ -7,13 +7,15 @@ dataclass whose fields are made with :func:`setting`. Each field says once:
   :class:`SettingsError` naming the field);
 - how a person sees it: ``label``, one line of ``info``, and a :class:`Control` (widget kind,
   range or choices);
-- its infotext key (``infotext``), its X/Y/Z axis label (``axis``), whether the WebUI's
-  Settings page offers a default for it (``user_default``), and ``only_with``: the name of a
-  boolean field without which it does not apply (the hires-fix override).
+- its infotext key (``infotext``), its X/Y/Z axis label (``axis``), and ``only_with``: the
+  name of a boolean field without which it does not apply (the hires-fix override).
+
+Users change the defaults the WebUI way, with Settings → Defaults (the WebUI saves the
+widgets' values; no settings of our own duplicate that).
 
 From that, this module derives the API's positional order (the field order) and named form,
 infotext in and out, and the README's control tables; the WebUI glue derives widgets,
-``infotext_fields``, the Settings section and the X/Y/Z axes. Adding a field is one
+``infotext_fields`` and the X/Y/Z axes. Adding a field is one
 :func:`setting` line plus its use.
 """
 
@@ -60,7 +62,6 @@ class FieldSpec:
     parse: Callable[[Any], Any]
     infotext: str | None = None
     axis: str | None = None
-    user_default: bool = False
     only_with: str | None = None
     api_note: str = ""  #: what the API accepts beyond the widget's range, for the docs
     widget_default: Any = None  #: what the widget shows for a field whose default is unset (None)
@@ -196,6 +197,15 @@ def gate_in_infotext(cls: type, gate: str, params: Mapping[str, Any]) -> bool:
     """Whether pasted infotext turns the flag ``gate`` on: any of the keys that need it is there."""
     return any(field.spec.infotext in params for field in fields_of(cls)
                if field.spec.only_with == gate and field.spec.infotext)
+
+
+def switch_key(cls: type, name: str) -> str:
+    """The infotext_fields name of a switch (``enabled`` or a flag others need), e.g. ``SEG enabled``.
+
+    Switches are not written into the infotext: pasting sets them from whether the keys they
+    govern are there (:func:`enabled_in_infotext`, :func:`gate_in_infotext`). The name lets the
+    WebUI's "Send to img2img/txt2img", which copies widgets by name, copy the switch too."""
+    return f"{cls.METHOD} {name.replace('_', ' ')}"
 
 
 def from_infotext(cls: type, params: Mapping[str, Any]):

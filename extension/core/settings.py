@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from . import fields
 from .blur import is_infinite_sigma
@@ -123,21 +123,23 @@ def step_fraction_active(step: int, total_steps: int, start: float, end: float) 
 class SegSettings:
     """Smoothed Energy Guidance settings (defaults: the paper's and the official code's)."""
 
+    METHOD: ClassVar[str] = "SEG"  #: how messages, infotext switches and X/Y/Z axes name the method
+
     enabled: bool = setting(
         False, label="Smoothed Energy Guidance", control=Control("checkbox"), parse=parse_flag("enabled"),
         info="On/off. Off by default, so requests that do not mention SEG are unchanged.")
     scale: float = setting(
         3.0, label="SEG scale", control=Control("slider", 0.0, 20.0, 0.1), parse=number_in("scale", 0, MAX_SEG_SCALE),
-        infotext="SEG scale", axis="[SEG] Scale", user_default=True, api_note="The API accepts up to 100.",
+        infotext="SEG scale", axis="[SEG] Scale", api_note="The API accepts up to 100.",
         info="How strongly sampling is pushed away from the blurred prediction. 3 is the paper's value; 0 turns SEG off.")
     sigma: float = setting(
         math.inf, label="Blur σ", control=Control("dropdown", choices=SIGMA_CHOICES, custom_values=True),
-        parse=sigma_field("sigma"), format=format_sigma, infotext="SEG sigma", axis="[SEG] Sigma", user_default=True,
+        parse=sigma_field("sigma"), format=format_sigma, infotext="SEG sigma", axis="[SEG] Sigma",
         info="Blur width in tokens. inf (any σ > 9999) replaces each query by the mean query: strongest, the "
              "paper's best; smaller is gentler; 0 is no blur. Type any number ≥ 0.")
     layers: str = setting(
         "mid", label="Layers", control=Control("text"), parse=parse_layers, infotext="SEG layers",
-        axis="[SEG] Layers", user_default=True,
+        axis="[SEG] Layers",
         info="Self-attention layers whose queries are blurred: mid, down, up, all, or d/m/u with an index or "
              "range, e.g. mid or d4,d5,m0.")
     start: float = setting(
@@ -149,7 +151,7 @@ class SegSettings:
         infotext="SEG end", axis="[SEG] End", info="… up to, not including, this fraction of the steps.")
     mode: str = setting(
         "cond", label="Blurred prediction", control=Control("radio", choices=SEG_MODES), parse=one_of("mode", SEG_MODES),
-        infotext="SEG mode", axis="[SEG] Mode", user_default=True,
+        infotext="SEG mode", axis="[SEG] Mode",
         info="cond: blur a copy of the prompt's prediction (the official code); uncond: of the negative "
              "prompt's (the paper's Eq. 10). Without CFG both blur the prompt's.")
     hires_override: bool = setting(

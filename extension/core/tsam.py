@@ -35,7 +35,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -466,40 +466,41 @@ class TsamSettings:
     Attend-and-Excite prompts, 40 on TIFA) over the first half of the steps.
     """
 
+    METHOD: ClassVar[str] = "T-SAM"  #: how messages, infotext switches and X/Y/Z axes name the method
+
     enabled: bool = setting(
         False, label="T-SAM alignment", control=Control("checkbox"), parse=parse_flag("enabled"),
         info="On/off. Off by default, so requests that do not mention T-SAM are unchanged.")
     strength: float = setting(
         5.0, label="Strength", control=Control("slider", 0.0, 100.0, 0.5), parse=number_in("strength", 0, MAX_STRENGTH),
-        infotext="T-SAM strength", axis="[T-SAM] Strength", user_default=True, api_note="The API accepts up to 1000.",
+        infotext="T-SAM strength", axis="[T-SAM] Strength", api_note="The API accepts up to 1000.",
         info="Step size of each latent update: α_i = strength·sqrt(linspace(1, 0.5, N)[i]). The official code uses 5.")
     active_fraction: float = setting(
         DEFAULT_ACTIVE_FRACTION, label="Active fraction of steps", control=Control("slider", 0.0, 1.0, 0.05),
         parse=parse_active_fraction, infotext="T-SAM active fraction", axis="[T-SAM] Active fraction",
-        user_default=True,
         info="The latent is updated during the first ⌈fraction·steps⌉ steps (0.6: 30 of 50, the official schedule).")
     iterations: int = setting(
         1, label="Iterations per step", control=Control("slider", 1, 10, 1), parse=count_in("iterations", 1, MAX_ITERATIONS),
-        infotext="T-SAM iterations", axis="[T-SAM] Iterations", user_default=True, api_note="The API accepts up to 50.",
+        infotext="T-SAM iterations", axis="[T-SAM] Iterations", api_note="The API accepts up to 50.",
         info="Gradient updates at each active step; each costs about two UNet passes.")
     refinement_steps: str = setting(
         format_refinement_steps(DEFAULT_REFINEMENT_FRACTIONS), label="Refinement steps", control=Control("text"),
         parse=lambda value: format_refinement_steps(parse_refinement_steps(value)),
-        infotext="T-SAM refinement steps", axis="[T-SAM] Refinement steps", user_default=True,
+        infotext="T-SAM refinement steps", axis="[T-SAM] Refinement steps",
         info="Fractions of the steps that get extra refinement iterations, e.g. 0,0.2,0.4 (steps 0, 10, 20 of "
              "50), or none.")
     refinement_iterations: int = setting(
         20, label="Refinement iterations", control=Control("slider", 0, 50, 1),
         parse=count_in("refinement_iterations", 0, MAX_REFINEMENT_ITERATIONS), infotext="T-SAM refinement iterations",
-        axis="[T-SAM] Refinement iterations", user_default=True, api_note="The API accepts up to 100.",
+        axis="[T-SAM] Refinement iterations", api_note="The API accepts up to 100.",
         info="Extra updates at each refinement step: the most expensive part of T-SAM.")
     loss: str = setting(
         "official", label="Loss", control=Control("radio", choices=LOSS_MODES), parse=one_of("loss", LOSS_MODES),
-        infotext="T-SAM loss", axis="[T-SAM] Loss", user_default=True,
+        infotext="T-SAM loss", axis="[T-SAM] Loss",
         info="official: the official code's row-cosine loss; paper: the paper's L1 form (use power 4 with it).")
     power: float = setting(
         3.0, label="Target sharpness (power on T)", control=Control("slider", 0.5, 8.0, 0.5), parse=parse_power,
-        infotext="T-SAM power", axis="[T-SAM] Power", user_default=True, api_note="The API accepts up to 16.",
+        infotext="T-SAM power", axis="[T-SAM] Power", api_note="The API accepts up to 16.",
         info="Exponent on the text encoder's attention before it becomes the target: 3 in the official code, "
              "4 in the paper.")
     show_maps: bool = setting(

@@ -87,11 +87,14 @@ def add_settings(options: dict[str, Any]) -> None:
         shared.opts.add_option(key, info)
 
 
-def register_xyz_axes(overrides_attribute: str, axes: Sequence[tuple[str, type, str, Callable[[], list] | None]]) -> None:
+def register_xyz_axes(overrides_attribute: str, axes: Sequence[tuple[str, type, str, Callable[[], list] | None]],
+                      confirm: Callable[[str, list], None] | None = None) -> None:
     """Add ``(label, type, settings field, choices)`` axes to the X/Y/Z plot script, idempotently.
 
     A cell's value goes into ``p.<overrides_attribute>[field]``, which the script's
-    ``process()`` applies over its arguments. The WebUI's own scripts load before extensions,
+    ``process()`` applies over its arguments. ``confirm(field, values)`` checks an axis's values
+    before any cell runs (X/Y/Z's own hook): a bad value stops the plot with its message instead
+    of filling cells with black images. The WebUI's own scripts load before extensions,
     so this works at import, before any UI is built, in UI and in API-only mode.
     """
     from modules import scripts
@@ -107,8 +110,11 @@ def register_xyz_axes(overrides_attribute: str, axes: Sequence[tuple[str, type, 
         return apply
 
     known = {axis.label for axis in xyz.axis_options}
+    def confirmer(field: str):
+        return None if confirm is None else (lambda p, values: confirm(field, list(values)))
+
     xyz.axis_options.extend(
-        xyz.AxisOption(label, kind, setter(field), choices=choices)
+        xyz.AxisOption(label, kind, setter(field), choices=choices, confirm=confirmer(field))
         for label, kind, field, choices in axes
         if label not in known
     )

@@ -25,7 +25,6 @@ from ..adapters.a1111.seg_sampling import SegGeneration
 
 logger = logging.getLogger("seg_tsam")
 
-OPTION_PREFIX = "seg"  #: Settings keys: seg_default_<field>, seg_batch_rows
 
 
 class SegError(RequestError):
@@ -49,12 +48,13 @@ class SegScript(scripts.Script):
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
             widgets = {"enabled": enabled}
             for row in (("scale", "sigma"), ("layers", "mode"), ("start", "end")):
-                widgets |= controls.build_row(SegSettings, row, OPTION_PREFIX, self.elem_id)
+                widgets |= controls.build_row(SegSettings, row, self.elem_id)
             with gr.Accordion("Hires. fix second pass", open=False):
-                widgets |= controls.build_row(SegSettings, ("hires_override",), OPTION_PREFIX, self.elem_id)
-                widgets |= controls.build_row(SegSettings, ("hires_scale", "hires_sigma"), OPTION_PREFIX, self.elem_id)
+                widgets |= controls.build_row(SegSettings, ("hires_override",), self.elem_id)
+                widgets |= controls.build_row(SegSettings, ("hires_scale", "hires_sigma"), self.elem_id)
+        controls.link_gates(SegSettings, widgets)
         self.infotext_fields = controls.infotext_fields(SegSettings, widgets)
-        self.paste_field_names = list(fields.infotext_keys(SegSettings).values())
+        self.paste_field_names = controls.paste_field_names(self.infotext_fields)
         return [widgets[name] for name in fields.positional_names(SegSettings)]
 
     def process(self, p, *args):
@@ -116,14 +116,24 @@ def _on_cfg_denoiser(params) -> None:
 def _on_ui_settings() -> None:
     options = {
         "seg_batch_rows": shared.OptionInfo(
-            True, "SEG: run the blurred rows in the same UNet call as cond/uncond (faster, more memory)"),
-        **controls.settings_options(SegSettings, OPTION_PREFIX, "SEG"),
+            True, "SEG: run the blurred rows in the same UNet call as cond/uncond (faster, more memory)").info(
+            "Off: one extra UNet call per step instead, with the same result; also off when Optimizations → "
+            "Batch cond/uncond is off."),
     }
     add_settings(options)
 
 
+def _confirm_axis(field: str, values: list) -> None:
+    """Every value of an X/Y/Z axis checked (and the layers against the loaded model) before a cell runs."""
+    for value in values:
+        try:
+            _check_model(fields.from_args(SegSettings, [], SegSettings.METHOD, {field: value}))
+        except (SettingsError, LayerSpecError) as error:
+            raise SegError(f"Smoothed Energy Guidance: X/Y/Z value {fields.shown(value)}: {error}") from None
+
+
 def _register_xyz_axes() -> None:
-    register_xyz_axes("seg_overrides", controls.xyz_axes(SegSettings))
+    register_xyz_axes("seg_overrides", controls.xyz_axes(SegSettings), _confirm_axis)
 
 
 def register_callbacks() -> None:

@@ -23,13 +23,12 @@ from ..core import fields
 from ..core.settings import SettingsError
 from ..core.tsam import TsamSettings
 from . import controls
-from .common import RequestError, add_settings, fail_sampling, refuse_foreign_replacement, register_xyz_axes
+from .common import RequestError, fail_sampling, refuse_foreign_replacement, register_xyz_axes
 from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
 logger = logging.getLogger("seg_tsam")
 
 TITLE = "T-SAM alignment"
-OPTION_PREFIX = "tsam"  #: Settings keys: tsam_default_<field>
 
 
 class TsamError(RequestError):
@@ -54,9 +53,9 @@ class TsamScript(scripts.Script):
             widgets = {"enabled": enabled}
             for row in (("strength", "active_fraction"), ("iterations", "refinement_steps", "refinement_iterations"),
                         ("loss", "power", "show_maps")):
-                widgets |= controls.build_row(TsamSettings, row, OPTION_PREFIX, self.elem_id)
+                widgets |= controls.build_row(TsamSettings, row, self.elem_id)
         self.infotext_fields = controls.infotext_fields(TsamSettings, widgets)
-        self.paste_field_names = list(fields.infotext_keys(TsamSettings).values())
+        self.paste_field_names = controls.paste_field_names(self.infotext_fields)
         return [widgets[name] for name in fields.positional_names(TsamSettings)]
 
     def process(self, p, *args):
@@ -282,16 +281,20 @@ def render_maps(record: ImageMaps) -> Image.Image:
 # --------------------------------------------------------------------------------------------
 
 
-def _on_ui_settings() -> None:
-    add_settings(controls.settings_options(TsamSettings, OPTION_PREFIX, "T-SAM"))
+def _confirm_axis(field: str, values: list) -> None:
+    """Every value of an X/Y/Z axis checked before a cell runs."""
+    for value in values:
+        try:
+            fields.from_args(TsamSettings, [], TsamSettings.METHOD, {field: value})
+        except SettingsError as error:
+            raise TsamError(f"{TITLE}: X/Y/Z value {fields.shown(value)}: {error}") from None
 
 
 def _register_xyz_axes() -> None:
-    register_xyz_axes("tsam_overrides", controls.xyz_axes(TsamSettings))
+    register_xyz_axes("tsam_overrides", controls.xyz_axes(TsamSettings), _confirm_axis)
 
 
 def register_callbacks() -> None:
     """Called by ``scripts/seg_tsam.py`` at every (re)load: the WebUI clears callbacks on reload."""
-    script_callbacks.on_ui_settings(_on_ui_settings)
     script_callbacks.on_before_ui(_register_xyz_axes)
     _register_xyz_axes()

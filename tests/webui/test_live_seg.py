@@ -272,18 +272,45 @@ def test_infotext_round_trip(model):
     assert image_hash(pasted) == image_hash(first)
 
 
-def test_xyz_plot_over_sigma(model):
+def xyz_script_args(x_axis: str, x_values: str, **by_label) -> list:
+    """X/Y/Z plot arguments built from the WebUI's own ``/sdapi/v1/script-info`` (its argument
+    list differs between versions: ``dev`` added ``draw_grid``): every argument at its default,
+    the axis-type dropdowns as indices (the script reads them so), X set to ``x_axis`` over
+    ``x_values``, and any argument named by its label (spaces as underscores) set."""
     status, info = call("GET", "/sdapi/v1/script-info")
+    assert status == 200, info
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    axis_choices = xyz["args"][0]["choices"]
-    sigma_axis = axis_choices.index("[SEG] Sigma")
-    nothing = axis_choices.index("Nothing")
-    args = [sigma_axis, "0, 2, inf", [], nothing, "", [], nothing, "", [], True, True, False, False, False, False,
-            False, 0, False]
+    labels = [arg["label"] for arg in xyz["args"]]
+    args = [arg["value"] for arg in xyz["args"]]
+    for axis in ("X type", "Y type", "Z type"):
+        index = labels.index(axis)
+        choices = xyz["args"][index]["choices"]
+        args[index] = choices.index(x_axis if axis == "X type" else "Nothing")
+    args[labels.index("X values")] = x_values
+    for label, value in by_label.items():
+        args[labels.index(label.replace("_", " "))] = value
+    return args
+
+
+def test_xyz_plot_over_sigma(model):
+    args = xyz_script_args("[SEG] Sigma", "0, 2, inf", Include_Sub_Images=True)
     body = generate(script_name="x/y/z plot", script_args=args)
     assert len(body["images"]) == 1 + 3  # the grid and the three cells
     cells = [image_hash(body, index) for index in range(1, 4)]
     assert len(set(cells)) == 3
+
+
+@pytest.mark.parametrize(("axis", "values", "message"), [
+    ("[SEG] Scale", "-3, 2", "X/Y/Z value -3.0: scale: must be in [0, 100]"),
+    ("[SEG] Layers", "mid, q7", "X/Y/Z value 'q7': layers: unknown layer 'q7'"),
+    ("[SEG] Layers", "m99", "layer m99 does not exist"),
+])
+def test_xyz_plot_with_a_bad_value_says_which(model, axis, values, message):
+    """A bad axis value stops the plot with a 422 naming SEG and the value, before any cell runs."""
+    payload = {**BASE, "script_name": "x/y/z plot", "script_args": xyz_script_args(axis, values)}
+    status, body = call("POST", "/sdapi/v1/txt2img", payload)
+    assert status == 422, body
+    assert TITLE in body["detail"] and message in body["detail"], body
 
 
 MALFORMED = {
