@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import re
+import shutil
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,10 +62,14 @@ def write_export_info(onnx_path: Path, info: OnnxExportInfo) -> None:
 
 
 def list_onnx_exports(folder: Path | str) -> list[OnnxExportInfo]:
-    """The exports in ``folder`` whose ONNX file and info file are both present, by file name."""
+    """The exports in ``folder`` whose ONNX file and info file are both present, by file name.
+
+    Found from the ONNX files, so other JSON beside them (the refit maps) is never read as info."""
     exports = []
-    for path in sorted(Path(folder).glob(f"*{INFO_SUFFIX}")):
-        onnx_path = path.with_suffix(".onnx")
+    for onnx_path in sorted(Path(folder).glob("*.onnx")):
+        path = info_path(onnx_path)
+        if not path.is_file():
+            continue
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
             info = OnnxExportInfo(**values)
@@ -74,6 +79,25 @@ def list_onnx_exports(folder: Path | str) -> list[OnnxExportInfo]:
         if info.onnx_file == onnx_path.name and onnx_path.is_file():
             exports.append(info)
     return exports
+
+
+#: The working folder of an export in progress: ``.<name>.onnx.<random>.tmp`` (``export_onnx``).
+_WORK_FOLDER = re.compile(r"\.[^/]+\.onnx\.[A-Za-z0-9_]+\.tmp")
+
+
+def remove_interrupted_exports(folder: Path | str) -> list[str]:
+    """Delete the working folders that exports killed mid-way left in ``folder`` (GBs for SDXL).
+
+    Call it when no export runs (at start-up): a running export's folder looks the same."""
+    removed = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and not path.is_symlink() and _WORK_FOLDER.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def remove_onnx_export(onnx_path: Path) -> list[str]:

@@ -194,6 +194,41 @@ def test_exports_are_listed_and_deleted_with_all_their_files(tmp_path):
     assert [e["onnx_file"] for e in list_exports(tmp_path)] == [small[0]]
 
 
+def test_listing_reads_no_refit_map_as_export_info(tmp_path, caplog):
+    """Refit maps (``<name>.onnx.refit.json``) sit beside the info files; listing used to read them
+    as info and log "ignoring the unreadable export info" on every listing."""
+    written = _write_export(tmp_path, "abcdef0123_mid_fp16.onnx", external=False, refit_map=True)
+    with caplog.at_level("WARNING", logger="seg_tsam"):
+        assert [e["onnx_file"] for e in list_exports(tmp_path)] == [written[0]]
+    assert caplog.records == []
+
+
+def test_interrupted_exports_leave_no_working_folder_after_a_restart(tmp_path):
+    """An export killed mid-way leaves ``.<name>.onnx.<random>.tmp``; the start-up cleanup removes
+    exactly those folders."""
+    from seg_tsam.export.onnx_exports import remove_interrupted_exports
+
+    kept = _write_export(tmp_path, "abcdef0123_mid_fp32.onnx", external=False, refit_map=True)
+    folder = export_service.onnx_folder(tmp_path)
+    left = [folder / ".abcdef0123_mid_fp16.onnx.k3j_x9a1.tmp", folder / ".x.onnx.abc.tmp"]
+    for path in left:
+        (path / "traced").mkdir(parents=True)
+        (path / "traced" / "model.onnx").write_bytes(b"half written")
+    others = [folder / ".hidden", folder / "notes.tmp", folder / ".y.onnx.tmp"]
+    others[0].mkdir()
+    others[1].mkdir()
+    others[2].write_bytes(b"a file, not a working folder")
+    assert remove_interrupted_exports(folder) == sorted(path.name for path in left)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*kept, *(path.name for path in others)])
+    assert remove_interrupted_exports(tmp_path / "absent") == []
+
+
+def test_the_api_default_precision_is_the_webui_s(tmp_path):
+    assert ExportRequest.from_json({"preset": "SD1.x 512-768"}, default_precision="fp32").precision == "fp32"
+    assert ExportRequest.from_json({"preset": "SD1.x 512-768", "precision": "fp16"},
+                                   default_precision="fp32").precision == "fp16"
+
+
 def test_delete_finds_the_external_data_by_name_without_reading_the_model(tmp_path):
     written = _write_export(tmp_path, "abcdef0123_mid_fp16.onnx", external=True, refit_map=False)
     folder = export_service.onnx_folder(tmp_path)

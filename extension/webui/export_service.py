@@ -100,14 +100,15 @@ class ExportRequest:
         return preset_profile(self.preset)  # type: ignore[arg-type]
 
     @classmethod
-    def from_json(cls, body: Any) -> ExportRequest:
-        """Parse an API body; unknown fields are an error (a typo must not be silently ignored)."""
+    def from_json(cls, body: Any, *, default_precision: str = "fp16") -> ExportRequest:
+        """Parse an API body; unknown fields are an error (a typo must not be silently ignored).
+        ``default_precision`` is used when the body names none (the WebUI passes how it runs the UNet)."""
         if not isinstance(body, Mapping):
             raise ExportRequestError(f"expected a JSON object, got {type(body).__name__}")
         unknown = sorted(set(body) - _REQUEST_FIELDS)
         if unknown:
             raise ExportRequestError(f"unknown field(s) {unknown}; known: {sorted(_REQUEST_FIELDS)}")
-        values = dict(body)
+        values = {"precision": default_precision, **body}
         if values.get("profile") is not None and "preset" not in values:
             values["preset"] = None
         return cls(**values)

@@ -27,6 +27,7 @@ from modules.call_queue import queue_lock
 
 from . import export_service
 from ...export.profiles import PRESETS
+from ...export.onnx_exports import remove_interrupted_exports
 from ...export.tensorrt_package import TensorRTOffer, tensorrt_offer
 from .export_service import (
     ENGINE_COLUMNS,
@@ -232,9 +233,13 @@ def on_ui_tabs():
             preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=next(iter(PRESETS)),
                                  elem_id="seg_export_preset")
             layers = gr.Textbox(label="SEG layers", value=export_service.DEFAULT_LAYERS, elem_id="seg_export_layers")
-            precision = gr.Radio(label="Precision", choices=list(export_service.PRECISIONS), value="fp16",
+            precision = gr.Radio(label="Precision", choices=list(export_service.PRECISIONS), value=default_precision(),
+                                 info="Preselected: the precision this WebUI runs its UNet in.",
                                  elem_id="seg_export_precision")
-            build_engine = gr.Checkbox(label="Build TensorRT engine", value=True, elem_id="seg_export_build")
+            trt_usable = package_installed("tensorrt")
+            build_engine = gr.Checkbox(label="Build TensorRT engine", value=trt_usable, interactive=trt_usable,
+                                       info="After the ONNX export, on this GPU." if trt_usable
+                                       else "Needs TensorRT (see the notice above).", elem_id="seg_export_build")
         with gr.Accordion("Custom ranges (profile 'Custom')", open=False):
             custom = [
                 *_range_row("images", 1, 64, 1, (1, 1, 4)),
@@ -283,9 +288,18 @@ def _http_errors(failure_prefix: str = "") -> Iterator[None]:
         raise HTTPException(status_code=500, detail=f"{failure_prefix}{error}") from None
 
 
+def default_precision() -> str:
+    """The precision the WebUI runs its UNet in: fp32 under ``--no-half`` (GTX 16xx, AMD, Mac, CPU),
+    where an fp16 export fails (``mat1 and mat2 must have the same dtype``), else fp16."""
+    import torch
+    from modules import devices
+
+    return "fp32" if devices.dtype_unet == torch.float32 else "fp16"
+
+
 def _api_export(body: Any = Body(...)) -> dict[str, Any]:
     with _http_errors():
-        request = ExportRequest.from_json(body)
+        request = ExportRequest.from_json(body, default_precision=default_precision())
     with _http_errors("export failed: "):
         return {"request": request.to_dict(), **run_export(request).to_dict()}
 
@@ -320,10 +334,14 @@ def _api_status() -> dict[str, Any]:
             "onnxruntime_installed": package_installed("onnxruntime"),
             "tensorrt_installed": package_installed("tensorrt"),
             "tensorrt_offer": {"requirement": offer.requirement, "reason": offer.reason},
-            "presets": list(PRESETS), "precisions": list(export_service.PRECISIONS)}
+            "presets": list(PRESETS), "precisions": list(export_service.PRECISIONS),
+            "default_precision": default_precision()}
 
 
 def on_app_started(_demo, app: FastAPI) -> None:
+    removed = remove_interrupted_exports(export_service.onnx_folder(_models_dir()))
+    if removed:
+        logger.info("SEG export: removed the working folders of interrupted exports: %s", ", ".join(removed))
     # sync handlers: FastAPI runs them in its thread pool, so a long export blocks no event loop
     app.add_api_route(f"{API_PREFIX}/export", _api_export, methods=["POST"])
     app.add_api_route(f"{API_PREFIX}/export/status", _api_status, methods=["GET"])
