@@ -362,3 +362,10 @@ def test_settings_round_trip_through_a_dict():
 def test_settings_errors_name_the_field(values, message):
     with pytest.raises(SettingsError, match=message):
         tsam.TsamSettings.from_mapping(values)
+
+
+def test_the_described_cost_is_the_default_schedule_s():
+    """The accordion says the defaults make 90 updates in 50 steps: 30 regular + 3 × 20 refinement."""
+    settings = tsam.TsamSettings(enabled=True)
+    assert sum(settings.step_plan(step, 50).updates for step in range(50)) == 90
+    assert "90 updates for 50 steps" in tsam.TsamSettings.DESCRIPTION

@@ -202,7 +202,7 @@ def fake_sd_model():
 def test_gradient_step_is_taken_on_c_in_x_and_mapped_back(monkeypatch, wrapper_class):
     seen = {}
 
-    def fake_descend(capture, run_unet, z, targets, mode, *, step_size, iterations, should_stop, where):
+    def fake_descend(capture, run_unet, z, targets, mode, *, step_size, iterations, should_stop, on_iteration, where):
         seen["z"], seen["step_size"], seen["iterations"] = z.clone(), step_size, iterations
         changed = torch.tensor([True, False])
         return tsam_descent.Descent(z - 0.25, changed, z.new_zeros((0, 2)), None)
@@ -553,3 +553,16 @@ def test_labels_name_textual_inversion_vectors():
     embedder = FakeEmbedder([[5, 0, 0, 6]])
     chunk = Chunk([512, 5, 0, 0, 6, *[513] * 72], fixes=[(1, SimpleNamespace(name="style", vectors=2))])
     assert ldm_tsam.chunk_labels(embedder, chunk) == ["t5", "<style>", "<style>", "t6"]
+
+
+def test_progress_counts_every_latent_update_and_clears_at_the_end():
+    """ACTIVE_HALF on 4 steps: steps 0 and 1 update once each (2 updates); the user sees 0/2, 1/2,
+    then the text cleared; a Heun run (two calls per step) reports the same."""
+    for second_order in (False, True):
+        reports: list[str] = []
+        generation = ShiftingGeneration(ACTIVE_HALF)
+        generation.report = reports.append
+        run(generation, second_order)
+        assert [text.split(",")[0] for text in reports] == ["T-SAM: 0/2 latent updates", "T-SAM: 1/2 latent updates",
+                                                            "T-SAM: 1/2 latent updates", ""], reports
+        assert "s left" in reports[1] and reports[-1] == ""

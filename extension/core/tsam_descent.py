@@ -87,6 +87,7 @@ def descend(
     step_size: float,
     iterations: int,
     should_stop: Callable[[], bool] | None = None,
+    on_iteration: Callable[[int], None] | None = None,
     where: str = "",
 ) -> Descent:
     """``iterations`` steps ``z ← z − α·∇_z L`` for every image, in float32 (or wider).
@@ -94,7 +95,8 @@ def descend(
     ``run_unet`` gets ``z`` in that precision (cast it to the UNet's dtype there). An image whose
     loss or gradient is not finite keeps its ``z`` for that iteration and a warning names it
     (logger ``seg_tsam``; ``where`` says which step, e.g. ``"at timestep 981 "``). ``should_stop``
-    is polled between iterations (the WebUI's interrupt button).
+    is polled between iterations (the WebUI's interrupt button); ``on_iteration(done)`` is told
+    after each one (progress).
     """
     if len(targets) != z.shape[0]:
         raise ValueError(f"T-SAM: {z.shape[0]} latents but {len(targets)} targets")
@@ -115,5 +117,7 @@ def descend(
         z = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), stepped, z)
         changed |= finite
         losses.append(alignment.losses)
+        if on_iteration is not None:
+            on_iteration(iteration + 1)
     stacked = torch.stack(losses) if losses else z.new_zeros((0, z.shape[0]))
     return Descent(z, changed, stacked, first, alignment)

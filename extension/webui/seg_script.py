@@ -47,6 +47,7 @@ class SegScript(scripts.Script):
     def ui(self, is_img2img):
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
             widgets = {"enabled": enabled}
+            gr.Markdown(SegSettings.DESCRIPTION, elem_classes=["seg-tsam-description"])
             for row in (("scale", "sigma"), ("layers", "mode"), ("start", "end")):
                 widgets |= controls.build_row(SegSettings, row, self.elem_id)
             with gr.Accordion("Hires. fix second pass", open=False):

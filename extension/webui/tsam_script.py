@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import gradio as gr
 import torch
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
@@ -51,6 +52,7 @@ class TsamScript(scripts.Script):
     def ui(self, is_img2img):
         with InputAccordion(False, label=self.title(), elem_id=self.elem_id("enabled")) as enabled:
             widgets = {"enabled": enabled}
+            gr.Markdown(TsamSettings.DESCRIPTION, elem_classes=["seg-tsam-description"])
             for row in (("strength", "active_fraction"), ("iterations", "refinement_steps", "refinement_iterations"),
                         ("loss", "power", "show_maps")):
                 widgets |= controls.build_row(TsamSettings, row, self.elem_id)
@@ -119,6 +121,11 @@ def _check_supported(p) -> None:
         raise SettingsError(str(error).removeprefix("T-SAM: ")) from None
 
 
+def _show_progress(text: str) -> None:
+    """T-SAM's progress in the WebUI's progress bar text (and ``/sdapi/v1/progress``'s ``textinfo``)."""
+    shared.state.textinfo = text or None
+
+
 def _interrupted() -> bool:
     return bool(shared.state.interrupted or shared.state.skipped)
 
@@ -151,7 +158,8 @@ def _wrap_sampling(p, settings: TsamSettings) -> None:
         from modules import prompt_parser  # noqa: PLC0415
 
         generation = TsamGeneration(settings, reconstruct_cond=prompt_parser.reconstruct_multicond_batch, owner=p,
-                                    should_stop=_interrupted, context_transform=_hypernetwork_context)
+                                    should_stop=_interrupted, context_transform=_hypernetwork_context,
+                                    report=_show_progress)
         with generation:
             _Active.generation = generation
             try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,10 +128,16 @@ class TsamGeneration:
         owner: object = None,
         should_stop: Callable[[], bool] | None = None,
         context_transform: ldm_tsam.ContextTransform | None = None,
+        report: Callable[[str], None] | None = None,
     ):
         self.settings = settings
         self.owner = owner  #: the processing object this generation belongs to
         self.should_stop = should_stop or (lambda: False)
+        self.report = report or (lambda text: None)  #: progress text for the user ("" when done)
+        self._updates_done = 0
+        self._updates_total = 0
+        self._started = 0.0
+        self._on_iteration: Callable[[int], None] = lambda done: None
         self._reconstruct_cond = reconstruct_cond
         self.context_transform = context_transform
         self._stack = contextlib.ExitStack()
@@ -202,6 +209,12 @@ class TsamGeneration:
         plan = self.settings.step_plan(step, total)
         if plan.updates == 0:
             return
+        if self._updates_total == 0:
+            self._updates_total = sum(self.settings.step_plan(index, total).updates for index in range(total))
+            self._started = time.monotonic()
+        done_before = self._updates_done
+        self._report_progress(done_before)
+        self._on_iteration = lambda done: self._report_progress(done_before + done)
         x = arguments["x"]
         updated = self.aligned_latent(
             denoiser, x, arguments["sigma"], arguments["cond"], arguments["image_cond"],
@@ -210,6 +223,22 @@ class TsamGeneration:
         if updated is not None:
             x.copy_(updated)  # the sampler's own latent: the rest of this step and the sampler use it
             self.steps_aligned += 1
+        self._updates_done = done_before + plan.updates
+        self._report_progress(self._updates_done)
+
+    def _report_progress(self, done: int) -> None:
+        """``T-SAM: 12/51 latent updates, about 20 s left`` (timed from the updates so far); ""
+        once the last one ran. Every update is about two UNet passes; the sampler's own progress
+        bar does not count them."""
+        total = self._updates_total
+        if done >= total:
+            self.report("")
+            return
+        text = f"T-SAM: {done}/{total} latent updates"
+        if done:
+            left = (time.monotonic() - self._started) / done * (total - done)
+            text += f", about {left:.0f} s left"
+        self.report(text)
 
     # -- one update ----------------------------------------------------------------------------------
     def aligned_latent(
@@ -257,7 +286,8 @@ class TsamGeneration:
         with ldm_tsam.alignment_session(unet, context_transform=self.context_transform) as capture:
             descent = tsam_descent.descend(
                 capture, run_unet, z, prompt_targets, self.settings.loss,
-                step_size=step_size, iterations=iterations, should_stop=self.should_stop, where=where,
+                step_size=step_size, iterations=iterations, should_stop=self.should_stop,
+                on_iteration=self._on_iteration, where=where,
             )
             if self.settings.show_maps and descent.first is not None:
                 self._keep_maps(targets, descent, step, total, lambda: tsam_descent.alignment_losses(
