@@ -92,13 +92,23 @@ class TsamScript(scripts.Script):
         records = getattr(p, "tsam_maps", None)
         if not records:
             return
+        from modules import images  # noqa: PLC0415
+
         for index, record in enumerate(records):
             if record is None:
                 continue
-            processed.images.append(render_maps(record))
+            maps_image = render_maps(record)
+            processed.images.append(maps_image)
             infotext_index = processed.index_of_first_image + index
             infotexts = processed.infotexts
-            infotexts.append(infotexts[infotext_index] if infotext_index < len(infotexts) else processed.info)
+            infotext = infotexts[infotext_index] if infotext_index < len(infotexts) else processed.info
+            infotexts.append(infotext)
+            if shared.opts.samples_save and not p.do_not_save_samples:  # beside the image, like the WebUI's own
+                seeds = getattr(p, "all_seeds", None) or [p.seed]
+                prompts = getattr(p, "all_prompts", None) or [p.prompt]
+                images.save_image(maps_image, p.outpath_samples, "", seeds[min(index, len(seeds) - 1)],
+                                  prompts[min(index, len(prompts) - 1)], shared.opts.samples_format, info=infotext,
+                                  p=p, suffix="-tsam-maps")
 
 
 def _check_supported(p) -> None:
@@ -266,7 +276,7 @@ def render_maps(record: ImageMaps) -> Image.Image:
     tile_rows = -(-tokens // _TILES_PER_ROW) if tokens else 0
     block_height = 16 + tile_rows * (_TILE + 14)
     width = max(len(panels) * panel_width, _TILES_PER_ROW * (_TILE + 4)) + 20
-    height = 24 + panel_height + len(rows_of_maps) * block_height + 10
+    height = 24 + panel_height + len(rows_of_maps) * block_height + _LEGEND_HEIGHT + 10
     image = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.text((10, 6), f"T-SAM: {record.prompt}"[:160], fill=_TEXT, font=font)
@@ -281,7 +291,25 @@ def render_maps(record: ImageMaps) -> Image.Image:
             image.paste(_tile(maps[token].float()), (x, y))
             draw.text((x, y + _TILE), labels[token][:9], fill=_TEXT, font=font)
         top += block_height
+    _draw_legend(draw, (10, top + 4), font)
     return image
+
+
+_LEGEND_HEIGHT = 40
+_LEGEND_WIDTH = 240
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, origin: tuple[int, int], font) -> None:
+    """The colour scale and what 0 and 1 mean on each kind of panel."""
+    left, top = origin
+    for x in range(_LEGEND_WIDTH):
+        draw.line([(left + x, top), (left + x, top + 10)], fill=_heat(x / (_LEGEND_WIDTH - 1)))
+    draw.text((left, top + 13), "0", fill=_TEXT, font=font)
+    draw.text((left + _LEGEND_WIDTH - 6, top + 13), "1", fill=_TEXT, font=font)
+    draw.text((left + _LEGEND_WIDTH + 12, top),
+              "T: share of a token's attention, scaled to the largest entry below the diagonal", fill=_TEXT, font=font)
+    draw.text((left + _LEGEND_WIDTH + 12, top + 13),
+              "S: cosine similarity of two tokens' maps; token maps: scaled to their own peak", fill=_TEXT, font=font)
 
 
 # --------------------------------------------------------------------------------------------
