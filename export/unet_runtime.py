@@ -24,6 +24,8 @@ Nothing here imports the WebUI, tensorrt or onnxruntime: the WebUI glue
 
 from __future__ import annotations
 
+from collections import Counter
+
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,6 +57,16 @@ class UNetWeights:
 
     key: Hashable
     applied: Callable[[], torch.nn.Module]
+
+
+def fallback_note(label: str, calls: int, fallbacks: Counter[str]) -> str | None:
+    """What a generation's infotext says when some of its ``calls`` UNet calls ran on PyTorch
+    instead of the export ``label`` (``fallbacks``: calls per reason), or ``None`` when none did."""
+    fell_back = sum(fallbacks.values())
+    if not fell_back:
+        return None
+    reasons = "; ".join(f"{reason} ({count}×)" for reason, count in fallbacks.most_common())
+    return f"{fell_back} of {calls} UNet calls ran on PyTorch instead of {label}: {reasons}"
 
 
 def _checkpoint_weights() -> UNetWeights:
@@ -133,6 +145,7 @@ class ReplacementUNet:
         self.notice = notice
         self.weights = weights
         self.notices: set[str] = set()  #: the distinct fallback reasons given so far
+        self.fallbacks: Counter[str] = Counter()  #: calls that ran on PyTorch, per reason
         self.session_calls = 0  #: calls the session ran (the rest ran on PyTorch)
         self.fallback_calls = 0
         self.weight_loads = 0  #: times a session took new weights (LoRA changes)
@@ -144,6 +157,7 @@ class ReplacementUNet:
             session, named = self._prepare(x, timesteps, context, args, kwargs)
         except EngineCannotRun as reason:
             self._notice(str(reason))
+            self.fallbacks[str(reason)] += 1
             self.fallback_calls += 1
             return self.fallback(x, timesteps, context, *args, **kwargs)
         output = session.run(named)

@@ -163,6 +163,7 @@ def test_falls_back_to_pytorch_once_per_reason(sd1):
     assert torch.equal(first, expected)  # the PyTorch UNet ran, its hooks blurred
     assert fallbacks == [2, 2] and runtime.session_calls == 0
     assert len(notices) == 1 and "another000" in notices[0] and CHECKPOINT in notices[0]
+    assert dict(runtime.fallbacks) == {notices[0]: 2}  # every call counted, for the generation info
 
 
 def test_other_seg_layers_than_exported_fall_back(sdxl):
@@ -438,3 +439,14 @@ def test_weights_no_export_can_hold_run_on_pytorch(sd1):
         reason[0] = None
         runtime.forward(x, timesteps, context)
     assert (fallbacks, runtime.session_calls, notices) == ([1], 1, ["hypernetworks are active"])
+
+
+def test_fallback_note_counts_the_calls_per_reason():
+    from collections import Counter
+
+    from seg_tsam.export.unet_runtime import fallback_note
+
+    assert fallback_note("[SEG ONNX] x", 12, Counter()) is None
+    note = fallback_note("[SEG ONNX] x", 12, Counter({"SEG layers d0 not in the export": 8, "T-SAM gradient": 2}))
+    assert note == ("10 of 12 UNet calls ran on PyTorch instead of [SEG ONNX] x: SEG layers d0 not in the export (8×); "
+                    "T-SAM gradient (2×)")

@@ -19,7 +19,7 @@ from ..adapters.unet_layers import self_attention_layers
 from ..core.layers import LayerSpecError, select_layers
 from ..core import fields
 from ..core.settings import SegSettings, SettingsError
-from . import controls
+from . import controls, unet_options
 from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
 from ..adapters.a1111.seg_sampling import SegGeneration
 
@@ -75,6 +75,18 @@ class SegScript(scripts.Script):
             return
         p.extra_generation_params.update(settings.to_infotext())
         _wrap_sampling(p, settings)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        # The SD Unet replacement is applied just before sampling (after process()): count from here.
+        if not hasattr(p, "seg_unet_calls"):
+            p.seg_unet_calls = unet_options.GenerationCalls()
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        """Say in the generation info when an export selected as SD Unet did not run every call."""
+        calls = getattr(p, "seg_unet_calls", None)
+        note = calls.note() if calls is not None else None
+        if note:
+            p.extra_generation_params["SEG export"] = note
 
     def before_hr(self, p, *args):
         generation = _Active.generation

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from modules import paths, script_callbacks, sd_hijack, sd_models, sd_unet, shar
 from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports
 from ...export.ort_session import OnnxExportSessions, onnxruntime_providers
 from ...export.registry import EngineEntry, EngineRegistry, RegistryError
-from ...export.unet_runtime import EngineCannotRun, ReplacementUNet, SessionChooser
+from ...export.unet_runtime import EngineCannotRun, ReplacementUNet, SessionChooser, fallback_note
 from .export_service import checkpoint_facts, engine_folder, onnx_folder
 from .common import REPLACEMENT_UNET_MARKER, package_installed
 from .lora_weights import current_weights
@@ -100,6 +101,25 @@ class SegReplacementUnet(sd_unet.SdUnet):
         message = f"{self.label} not used for this call, running the PyTorch UNet: {reason}"
         logger.warning(message)
         shared.state.textinfo = message
+
+
+class GenerationCalls:
+    """Where one generation's UNet calls ran, for its infotext: a snapshot of the active
+    replacement's counts when the generation starts, compared when its images are saved."""
+
+    def __init__(self):
+        self.unet = sd_unet.current_unet if isinstance(sd_unet.current_unet, SegReplacementUnet) else None
+        runtime = None if self.unet is None else self.unet.runtime
+        self.before = (0, 0, Counter()) if runtime is None else (
+            runtime.session_calls, runtime.fallback_calls, Counter(runtime.fallbacks))
+
+    def note(self) -> str | None:
+        runtime = None if self.unet is None else self.unet.runtime
+        if runtime is None or self.unet is not sd_unet.current_unet:
+            return None
+        sessions, fallbacks, reasons = self.before
+        calls = runtime.session_calls - sessions + runtime.fallback_calls - fallbacks
+        return fallback_note(self.unet.label, calls, runtime.fallbacks - reasons)
 
 
 class SegUnetOption(sd_unet.SdUnetOption):

@@ -11,6 +11,8 @@ file is also run with ONNX Runtime from this venv.
 
 from __future__ import annotations
 
+import json
+
 import os
 import urllib.parse
 from dataclasses import dataclass
@@ -181,6 +183,10 @@ def test_seg_runs_on_the_export_as_sd_unet(export):
     assert relative_difference(plain, pytorch) > 1e-3  # SEG made a difference on the export too
 
 
+def _generate_on(label):
+    return generate({"override_settings": {"sd_unet": label}}, seg=SEG_MID)
+
+
 def test_layers_the_export_lacks_fall_back_to_pytorch_with_a_notice(export):
     label = export.label
     call("POST", "/seg-tsam-probe/release-unet")
@@ -190,6 +196,15 @@ def test_layers_the_export_lacks_fall_back_to_pytorch_with_a_notice(export):
     assert state["fallback_calls"] > 0 and state["session_calls"] == 0, state
     assert any("'up'" in notice and "'mid'" in notice for notice in state["notices"]), state
     assert replaced == pytorch  # every call ran on the PyTorch UNet with SEG's hooks: the same numbers
+    # ... and the generation info says so, with the count and the reason (not only the console)
+    body = generate({"override_settings": {"sd_unet": label}}, seg=[True, 3.0, "2", "up"])
+    info = json.loads(body["info"])["infotexts"][0]
+    calls = BASE["steps"]  # Euler, batched rows: one UNet call per step, all on PyTorch
+    note = info[info.index("SEG export: "):]
+    assert f"{calls} of {calls} UNet calls ran on PyTorch instead of {label}: " in note, info
+    assert "'up'" in note, info
+    plain_info = json.loads(_generate_on(label)["info"])["infotexts"][0]
+    assert "SEG export:" not in plain_info  # a generation the export ran fully gets no note
 
 
 def test_tsam_uses_pytorch_for_its_gradients_and_the_export_otherwise(export):
