@@ -421,7 +421,7 @@ EXPORT_COLUMNS = ("file", "checkpoint", "hash", "family", "seg_layers", "precisi
 def list_exports(models_dir: Path | str) -> list[dict[str, Any]]:
     """Every listed ONNX export as a dict (its info plus ``lora_ready``: its refit map is present)."""
     folder = onnx_folder(models_dir)
-    return [{**asdict(info), "lora_ready": sidecar_path(folder / info.onnx_file).is_file()}
+    return [{**asdict(info), "label": info.label, "lora_ready": sidecar_path(folder / info.onnx_file).is_file()}
             for info in list_onnx_exports(folder)]
 
 
@@ -446,4 +446,4 @@ def delete_export(models_dir: Path | str, onnx_file: Any) -> dict[str, Any]:
         removed = remove_onnx_export(path)
     except OSError as error:
         raise ExportFailed(f"could not delete {name}: {error}") from error
-    return {**asdict(info), "removed": removed}
+    return {**asdict(info), "label": info.label, "removed": removed}

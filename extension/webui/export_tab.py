@@ -40,6 +40,7 @@ from .export_service import (
     ExportRequestError,
 )
 from .common import package_installed
+from . import unet_options
 from .lora_weights import checkpoint_weights
 
 logger = logging.getLogger("seg_tsam")
@@ -165,11 +166,17 @@ def _export_table() -> dict[str, Any]:
     return _table(EXPORT_COLUMNS, export_service.export_rows(export_service.list_exports(_models_dir())))
 
 
+SD_UNET_RESET = (" It was the selected SD Unet: Settings → SD Unet is now **Automatic**, and the checkpoint's "
+                 "own UNet runs.")
+
+
 def _on_delete_export(onnx_file: str):
     try:
         deleted = export_service.delete_export(_models_dir(), (onnx_file or "").strip())
         sd_unet.list_unets()
         message = f"Deleted the ONNX export `{deleted['onnx_file']}` ({', '.join(deleted['removed'])})."
+        if unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"])):
+            message += SD_UNET_RESET
     except (ExportRequestError, ExportNotFound, ExportFailed) as error:
         message = f"**Not deleted:** {error}"
     return message, _export_table()
@@ -324,7 +331,8 @@ def _api_delete_export(onnx_file: str) -> dict[str, Any]:
     with _http_errors():
         deleted = export_service.delete_export(_models_dir(), onnx_file)
     sd_unet.list_unets()
-    return {"deleted": deleted}
+    reset = unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"]))
+    return {"deleted": deleted, "sd_unet_reset": reset}
 
 
 def _api_status() -> dict[str, Any]:

@@ -147,7 +147,22 @@ def _onnx_option(info: OnnxExportInfo, folder: Path) -> SegUnetOption:
                                   current_checkpoint_hash=loaded_checkpoint_hash,
                                   providers=onnxruntime_providers(shared.device))
 
-    return SegUnetOption(f"{ONNX_PREFIX} {info.label}", None, _or_refusal(make_chooser))
+    return SegUnetOption(onnx_option_label(info.label), None, _or_refusal(make_chooser))
+
+
+def onnx_option_label(export_label: str) -> str:
+    """The SD Unet option of an ONNX export, e.g. ``[SEG ONNX] tiny-sd1 (mid, fp32)``."""
+    return f"{ONNX_PREFIX} {export_label}"
+
+
+def release_if_selected(option_label: str) -> bool:
+    """After its files were deleted: if ``option_label`` is the selected SD Unet, select
+    "Automatic" and put the checkpoint's own UNet back. Returns whether it was selected."""
+    if shared.opts.sd_unet != option_label:
+        return False
+    shared.opts.set("sd_unet", "Automatic")
+    sd_unet.apply_unet("None")
+    return True
 
 
 def _trt_option(checkpoint_name: str, hashes: frozenset[str], registry: EngineRegistry) -> SegUnetOption:

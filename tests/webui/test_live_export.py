@@ -278,8 +278,15 @@ def test_an_export_is_listed_and_deleted_with_its_files(export):
     name = body["onnx_file"].rsplit("/", 1)[-1]
     listed = {e["onnx_file"]: e for e in call("GET", "/seg-tsam/exports")[1]["exports"]}
     assert listed[name]["lora_ready"] and listed[name]["seg_layers"] == "up", listed
+    # Selected as SD Unet when deleted: the selection goes back to Automatic, and the answer says so.
+    label = f"[SEG ONNX] {listed[name]['label']}"
+    assert call("POST", "/sdapi/v1/options", {"sd_unet": label})[0] == 200
+    generate(seg=[True, 3.0, "2", "up"])
+    assert call("GET", "/seg-tsam-probe/replacement")[1]["label"] == label
     status, deleted = call("DELETE", f"/seg-tsam/exports/{name}")
     assert status == 200, deleted
+    assert deleted["sd_unet_reset"] is True and call("GET", "/sdapi/v1/options")[1]["sd_unet"] == "Automatic"
+    assert call("GET", "/seg-tsam-probe/replacement")[1]["label"] is None
     assert {name, name.replace(".onnx", ".json"), f"{name}.refit.json"} <= set(deleted["deleted"]["removed"])
     assert name not in {e["onnx_file"] for e in call("GET", "/seg-tsam/exports")[1]["exports"]}
     assert call("DELETE", f"/seg-tsam/exports/{name}")[0] == 404
