@@ -330,6 +330,18 @@ PRESETS: Mapping[str, EngineProfile] = MappingProxyType({
 })
 
 
+#: The model families each preset is made for (the sizes differ: SD1.x 512 px, SDXL 1024 px).
+PRESET_FAMILIES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "SD1.x 512-768": ("sd1", "sd2"),
+    "SDXL 768-1024": ("sdxl",),
+})
+
+
+def preset_for_family(family: str) -> str | None:
+    """The preset made for ``family`` ("sd1", "sd2", "sdxl"), or ``None``."""
+    return next((name for name, families in PRESET_FAMILIES.items() if family in families), None)
+
+
 def preset_profile(name: str) -> EngineProfile:
     """The preset called ``name``; :class:`ProfileError` lists the valid names otherwise."""
     try:

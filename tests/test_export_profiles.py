@@ -186,3 +186,11 @@ def test_trt_shapes_reject_inputs_they_cannot_size():
         trt_profile_shapes(SD1, ["control_0"], FAMILIES["sd1"])
     with pytest.raises(ValueError, match="no profile rule"):
         trt_profile_shapes(SD1, ["blur_h_x"], FAMILIES["sd1"])
+
+
+def test_each_preset_names_its_families_and_each_family_has_a_preset():
+    from seg_tsam.export.profiles import PRESET_FAMILIES, preset_for_family
+
+    assert set(PRESET_FAMILIES) == set(PRESETS)
+    assert [preset_for_family(family) for family in ("sd1", "sd2", "sdxl", "flux")] == [
+        "SD1.x 512-768", "SD1.x 512-768", "SDXL 768-1024", None]

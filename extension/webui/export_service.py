@@ -20,7 +20,7 @@ from typing import Any
 
 from ...export.onnx_export import DEFAULT_OPSET, AttentionPath
 from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports, remove_onnx_export, write_export_info
-from ...export.profiles import PRECISIONS, PRESETS, EngineProfile, ProfileError, preset_profile
+from ...export.profiles import PRECISIONS, PRESET_FAMILIES, PRESETS, EngineProfile, ProfileError, preset_for_family, preset_profile
 from ..core.layers import LayerSpecError, parse_layer_spec
 from ...export.refit import RefitMap, sidecar_path, weight_map
 from ...export.registry import EngineRegistry, RegistryError, normalize_layers
@@ -278,6 +278,12 @@ def export_current_checkpoint(
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
     if unet is None:
         raise ExportFailed("the loaded model has no UNet (sd_model.model.diffusion_model)")
+    if request.preset is not None and facts.family not in PRESET_FAMILIES.get(request.preset, (facts.family,)):
+        suggestion = preset_for_family(facts.family)
+        raise ExportRequestError(
+            f"the preset {request.preset!r} is for {'/'.join(PRESET_FAMILIES[request.preset])} checkpoints, the loaded "
+            f"one is {facts.family}; choose {suggestion!r} or a custom profile" if suggestion else
+            f"the preset {request.preset!r} is not for {facts.family} checkpoints; give a custom profile")
     report(0.05, f"preparing the {facts.family} UNet of {facts.name or facts.short_hash}")
     try:
         wrapper = SegExportUNet(unet, flavour=facts.flavour, layers=request.seg_layers)

@@ -14,6 +14,7 @@ deletes take an engine id or the name of a listed ONNX export (no folder).
 from __future__ import annotations
 
 import contextlib
+import html
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from modules import paths, script_callbacks, sd_unet, shared
 from modules.call_queue import queue_lock
 
 from . import export_service
-from ...export.profiles import PRESETS
+from ...export.profiles import PRESETS, preset_for_family
 from ...export.onnx_exports import remove_interrupted_exports
 from ...export.tensorrt_package import TensorRTOffer, tensorrt_offer
 from .export_service import (
@@ -153,13 +154,31 @@ def _on_export(preset, layers, precision, build_engine, *custom):
         request = request_from_widgets(preset, layers, precision, build_engine, *custom)
         message = run_export(request).to_markdown()
     except ExportRequestError as error:
-        message = f"**Invalid request:** {error}"
+        message = f"**Invalid request:** {_plain(error)}"
     except ExportFailed as error:
-        message = f"**Export failed:** {error}"
+        message = f"**Export failed:** {_plain(error)}"
     except Exception as error:  # the UI must answer with a message, not hang
         logger.exception("SEG export failed")
-        message = f"**Export failed unexpectedly:** {type(error).__name__}: {error}"
+        message = f"**Export failed unexpectedly:** {type(error).__name__}: {_plain(error)}"
     return message, _engine_table(), _export_table()
+
+
+def _loaded_family_preset() -> str:
+    """The preset for the loaded checkpoint's family (the first one before a model is loaded; reading
+    ``shared.sd_model`` would load one)."""
+    from modules import sd_models
+
+    model = sd_models.model_data.sd_model
+    try:
+        family = export_service.checkpoint_facts(model).family if model is not None else None
+    except Exception:  # a model the export does not know: the user picks
+        family = None
+    return (preset_for_family(family) if family else None) or next(iter(PRESETS))
+
+
+def _plain(error: object) -> str:
+    """An error message shown as text in a Markdown block: ``<i>``, ``*`` and friends are not markup."""
+    return html.escape(str(error)).replace("*", "\\*").replace("_", "\\_")
 
 
 def _export_table() -> dict[str, Any]:
@@ -178,7 +197,7 @@ def _on_delete_export(onnx_file: str):
         if unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"])):
             message += SD_UNET_RESET
     except (ExportRequestError, ExportNotFound, ExportFailed) as error:
-        message = f"**Not deleted:** {error}"
+        message = f"**Not deleted:** {_plain(error)}"
     return message, _export_table()
 
 
@@ -188,7 +207,7 @@ def _on_delete(engine_id: str):
         sd_unet.list_unets()
         message = f"Deleted engine `{entry['id']}` ({entry['engine_file']})."
     except (ExportRequestError, EngineNotFound, ExportFailed) as error:
-        message = f"**Not deleted:** {error}"
+        message = f"**Not deleted:** {_plain(error)}"
     return message, _engine_table()
 
 
@@ -237,8 +256,9 @@ def on_ui_tabs():
                         "`export/requirements-webui.txt`.")
             install = gr.Button("Install export packages", elem_id="seg_export_install")
         with gr.Row():
-            preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=next(iter(PRESETS)),
-                                 elem_id="seg_export_preset")
+            preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=_loaded_family_preset(),
+                                 info="The sizes the engine will take. Preselected for the loaded checkpoint; "
+                                      "Custom opens the ranges below.", elem_id="seg_export_preset")
             layers = gr.Textbox(label="SEG layers", value=export_service.DEFAULT_LAYERS, elem_id="seg_export_layers")
             precision = gr.Radio(label="Precision", choices=list(export_service.PRECISIONS), value=default_precision(),
                                  info="Preselected: the precision this WebUI runs its UNet in.",
@@ -247,7 +267,7 @@ def on_ui_tabs():
             build_engine = gr.Checkbox(label="Build TensorRT engine", value=trt_usable, interactive=trt_usable,
                                        info="After the ONNX export, on this GPU." if trt_usable
                                        else "Needs TensorRT (see the notice above).", elem_id="seg_export_build")
-        with gr.Accordion("Custom ranges (profile 'Custom')", open=False):
+        with gr.Accordion("Custom ranges (profile 'Custom')", open=False) as custom_ranges:
             custom = [
                 *_range_row("images", 1, 64, 1, (1, 1, 4)),
                 *_range_row("height px", 256, 4096, 8, (512, 512, 768)),
@@ -269,6 +289,8 @@ def on_ui_tabs():
             delete_onnx = gr.Button("Delete ONNX export", elem_id="seg_export_delete_onnx")
             refresh = gr.Button("Refresh lists", elem_id="seg_export_refresh")
 
+        preset.change(lambda chosen: gr.update(open=chosen == CUSTOM), inputs=[preset], outputs=[custom_ranges],
+                      show_progress=False)
         export.click(_on_export, inputs=[preset, layers, precision, build_engine, *custom],
                      outputs=[status, engines, exports])
         delete.click(_on_delete, inputs=[engine_id], outputs=[status, engines])

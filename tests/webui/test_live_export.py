@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_live_seg import BASE, URL, call, denoised_steps, generate, relative_difference
+from test_live_seg import BASE, URL, call, checkpoints, denoised_steps, generate, relative_difference
 
 pytestmark = pytest.mark.skipif(not URL, reason="SEG_TSAM_WEBUI_URL is not set (no live WebUI to test against)")
 
@@ -60,6 +60,17 @@ def test_status_and_engine_list_answer():
 def test_bad_export_requests_get_422(payload, message):
     status, body = call("POST", "/seg-tsam/export", payload)
     assert status == 422 and message in str(body.get("detail")), body
+
+
+def test_a_preset_for_another_model_family_is_refused_by_name():
+    """The SDXL preset on an SD1 checkpoint used to be exported silently (with SDXL sizes)."""
+    sd1 = next(title for kind, title in checkpoints() if kind == "sd1")
+    assert call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": sd1})[0] == 200
+    status, body = call("POST", "/seg-tsam/export", {"preset": "SDXL 768-1024", "build_engine": False})
+    assert status == 422, body
+    assert "'SDXL 768-1024' is for sdxl checkpoints, the loaded one is sd1; choose 'SD1.x 512-768'" in body["detail"]
+    status, body = call("GET", "/seg-tsam/export/status")
+    assert body["default_precision"] == "fp32"  # the live WebUI runs with --no-half: fp16 exports would fail
 
 
 @pytest.mark.parametrize("engine_id", ["not-an-id", "0123456789ABCDEF", "..", "engines.json"])
