@@ -73,6 +73,10 @@ def plain_attention(unet) -> Iterator[None]:
 
 
 def _state_progress(fraction: float, text: str) -> None:
+    """The export's stage and percent where the WebUI reports progress (``/sdapi/v1/progress``)."""
+    shared.state.job_count = 1
+    shared.state.sampling_steps = 100
+    shared.state.sampling_step = round(100 * min(max(fraction, 0.0), 1.0))
     shared.state.textinfo = f"SEG export: {text}"
 
 
@@ -149,10 +153,15 @@ def _engine_table() -> dict[str, Any]:
     return _table(ENGINE_COLUMNS, rows)
 
 
-def _on_export(preset, layers, precision, build_engine, *custom):
+def _on_export(progress=gr.Progress(), *values):  # noqa: B008  (gradio passes its tracker through the default)
+    """The Export button. Its stages and percent show over the status box and in ``/sdapi/v1/progress``."""
+    def report(fraction: float, text: str) -> None:
+        _state_progress(fraction, text)
+        progress(fraction, desc=text)
+
     try:
-        request = request_from_widgets(preset, layers, precision, build_engine, *custom)
-        message = run_export(request).to_markdown()
+        request = request_from_widgets(*values)
+        message = run_export(request, report).to_markdown()
     except ExportRequestError as error:
         message = f"**Invalid request:** {_plain(error)}"
     except ExportFailed as error:
