@@ -303,3 +303,28 @@ def test_an_export_is_listed_and_deleted_with_its_files(export):
     assert call("DELETE", f"/seg-tsam/exports/{name}")[0] == 404
     if MODELS:
         assert not list((Path(MODELS) / "Unet-seg-onnx").glob(name + "*"))
+
+
+def test_export_progress_is_reported_while_it_runs(export):
+    """Stages and percent in ``/sdapi/v1/progress`` during an export (the tab shows the same)."""
+    import threading
+    import time
+
+    payload = {**export.request, "seg_layers": "down", "build_engine": False}
+    answer = {}
+    worker = threading.Thread(target=lambda: answer.update(result=call("POST", "/seg-tsam/export", payload)))
+    seen = []
+    worker.start()
+    while worker.is_alive():
+        status, progress = call("GET", "/sdapi/v1/progress?skip_current_image=true")
+        if status == 200 and progress.get("state", {}).get("job") == "seg_export":
+            seen.append((progress["progress"], progress["textinfo"]))
+        time.sleep(0.05)
+    worker.join()
+    assert answer["result"][0] == 200, answer
+    stages = [text for _, text in seen]
+    assert any(text and text.startswith("SEG export: exporting") for text in stages), seen
+    fractions = [fraction for fraction, _ in seen]
+    assert fractions == sorted(fractions) and max(fractions) > 0, seen
+    name = answer["result"][1]["onnx_file"].rsplit("/", 1)[-1]
+    assert call("DELETE", f"/seg-tsam/exports/{name}")[0] == 200
