@@ -52,7 +52,8 @@ EXTENSIONS=$DATA/extensions
 # onnx and onnxruntime for the export tests, kept apart from the WebUI's venv (setup_webui.sh).
 EXTRA_PATH=
 [[ -d $TARGET/export-packages ]] && EXTRA_PATH=$TARGET/export-packages
-PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}  # the tests' Python (not the WebUI's)
+[[ -x $PYTHON ]] || { echo "no Python at $PYTHON: create $REPO/.venv or set PYTHON=/path/to/venv/bin/python" >&2; exit 2; }
 URL=http://127.0.0.1:$PORT
 LOG=$DATA/webui.log
 SERVER=

@@ -152,8 +152,8 @@ _OUTPUTS_JS = """tab => {
 }"""
 
 _DONE_JS = """([tab, before]) => {
-    const button = gradioApp().querySelector('#' + tab + '_generate');
-    if (!button || button.offsetParent === null) return false;  // hidden while the job runs
+    const interrupt = gradioApp().querySelector('#' + tab + '_interrupt');
+    if (interrupt && interrupt.style.display !== 'none') return false;  // shown while the job runs
     return (%s)(tab) !== before;
 }""" % _OUTPUTS_JS
 
@@ -164,7 +164,12 @@ def click_generate(page, tab: str = "txt2img") -> dict:
     before = page.evaluate(_OUTPUTS_JS, tab)
     page.locator(f"#{tab}_generate").click()
     page.wait_for_function(_DONE_JS, arg=[tab, before], timeout=GENERATION_TIMEOUT_MS)
-    page.wait_for_timeout(500)
+    shown = page.evaluate(_OUTPUTS_JS, tab)
+    for _ in range(20):  # until the results area holds still for half a second
+        page.wait_for_timeout(500)
+        shown, previous = page.evaluate(_OUTPUTS_JS, tab), shown
+        if shown == previous:
+            break
     return results(page, tab)
 
 
@@ -172,8 +177,8 @@ def results(page, tab: str = "txt2img") -> dict:
     images = page.evaluate("""tab => [...new Set([...gradioApp().querySelectorAll('#' + tab + '_gallery img')]
         .filter(img => !img.closest('.livePreview')).map(img => img.src))]""", tab)
     return {"images": images,
-            "info": page.locator(f"#html_info_{tab}").inner_text(),
-            "log": page.locator(f"#html_log_{tab}").inner_text(),
+            "info": page.locator(f"#html_info_{tab}").first.inner_text(),  # Gradio repeats the id inside
+            "log": page.locator(f"#html_log_{tab}").first.inner_text(),
             "error": " ".join(page.locator(f"#html_log_{tab} .error").all_inner_texts())}
 
 
@@ -294,7 +299,13 @@ def test_xyz_plot_with_a_bad_seg_scale_names_the_value(page, screenshots):
     small_image_settings(page)
     choose(page, page.locator("#tab_txt2img #script_list"), "X/Y/Z plot")
     choose(page, page.locator("#script_txt2img_xyz_plot_x_type"), "[SEG] Scale")
-    type_into(page, "script_txt2img_xyz_plot_x_values", "-3, 2")
+    values = page.locator("#script_txt2img_xyz_plot_x_values textarea").first
+    for _ in range(10):  # choosing the type clears the values a moment later (the WebUI's handler)
+        page.wait_for_timeout(500)
+        if values.input_value() == "-3, 2":
+            break
+        type_into(page, "script_txt2img_xyz_plot_x_values", "-3, 2")
+    assert values.input_value() == "-3, 2"
     shown = click_generate(page)
     page.locator("#txt2img_results").scroll_into_view_if_needed()
     shot(page, screenshots, "xyz-bad-scale.png")
@@ -310,7 +321,7 @@ def test_export_tab_exports_lists_and_deletes(page, screenshots):
     shot(page, screenshots, "export-tab.png")
     if page.locator("#seg_export_install").is_visible():
         pytest.skip("the WebUI's Python lacks onnx (the tab offers to install it)")
-    status = page.locator("#seg_export_status")
+    status = page.locator("#seg_export_status").first
     page.locator("#seg_export_precision label", has_text="fp32").click()
     before = {line.strip() for line in tab.inner_text().splitlines()}
     page.locator("#seg_export_run").click()
@@ -323,12 +334,12 @@ def test_export_tab_exports_lists_and_deletes(page, screenshots):
         progress = tab.inner_text()
         if not seen or seen[-1] != progress:
             seen.append(progress)
-        page.wait_for_timeout(1000)
+        page.wait_for_timeout(250)
     text = status.inner_text()
     shot(page, screenshots, "export-done.png")
     assert "ONNX written" in text, text
     name = re.search(r"Unet-seg-onnx/(\S+?\.onnx)", text).group(1)
-    table = page.locator("#seg_export_onnx_files")
+    table = page.locator("#seg_export_onnx_files").first
     assert name in table.inner_text(), f"{name} is not in the exports table"
 
     # select the export in the table, then delete it with what the tab offers
@@ -346,7 +357,9 @@ def test_export_tab_exports_lists_and_deletes(page, screenshots):
     if not filled_by_selection:
         warnings.warn("selecting an export in the table does not fill 'ONNX file to delete': the user types its name")
 
-    generic = re.compile(r"^(processing|pending|queue:?.*|[\d.]+\s*/?\s*[\d.]*\s*s|\|)$", re.I)
+    (screenshots / "export-progress.txt").write_text(  # what the tab showed while the export ran
+        "\n\n---\n\n".join(seen), encoding="utf-8")
+    generic = re.compile(r"^(processing|pending|queue|eta)\b.*|^[\d.]+(/[\d.]+)?\s*s$|^\|$", re.I)  # Gradio's timer
     new_lines = [line.strip() for progress in seen for line in progress.splitlines()
                  if line.strip() and line.strip() not in before and not generic.match(line.strip())]
     timers = sorted({line.strip() for progress in seen for line in progress.splitlines() if generic.match(line.strip())})
