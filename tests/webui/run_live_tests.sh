@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # Run the live-WebUI tests against a WebUI prepared by setup_webui.sh.
 #
-# Usage: tests/webui/run_live_tests.sh TARGET [PORT] [-- pytest args…]
+# Usage: [SEG_TSAM_PHASES="api browser"] [SEG_TSAM_SCREENSHOTS=DIR] \
+#          tests/webui/run_live_tests.sh TARGET [PORT] [-- pytest args…]
 #   TARGET  the folder setup_webui.sh filled (stable-diffusion-webui/, venv/, hf-home/, checkpoints/)
 #   PORT    loopback port for the WebUI (default 7871)
-#
-# 1. starts the WebUI with only the test probe extension and records the image hashes of a few
-#    plain requests (the "without this extension" baseline);
-# 2. restarts it with this extension as well and runs tests/webui/ against it.
-# The WebUI runs in API-only mode on 127.0.0.1 with a data folder of its own (extensions,
-# settings; the model folders linked, except those the tests write: Lora, Unet-seg-onnx and
-# Unet-seg-trt), so the WebUI's own folder is not touched. Stopped, and what the tests wrote
-# removed, on exit; the WebUI log stays.
+#   SEG_TSAM_PHASES  which phases run, in this order (default "api"):
+#     api      1. starts the WebUI API-only (--nowebui) with only the test probe extension and
+#                 records the image hashes of a few plain requests (the "without this extension"
+#                 baseline); 2. restarts it with this extension as well and runs tests/webui/.
+#     browser  3. starts the WebUI *with its UI* and this extension, on a data folder of its own,
+#                 and runs tests/webui/test_browser.py in headless Chromium (Playwright, the
+#                 system's /usr/bin/chromium: Debian package chromium, plus fonts-noto-color-emoji;
+#                 never `playwright install`). Installs tests/webui/requirements-live.txt into the
+#                 test venv first. Screenshots go to SEG_TSAM_SCREENSHOTS (default: a new temporary
+#                 folder), named at the end.
+#   e.g. SEG_TSAM_PHASES=browser tests/webui/run_live_tests.sh /work/live/a1111 7895
+# The WebUI runs on 127.0.0.1 with a data folder of its own (extensions, settings; the model
+# folders linked, except those the tests write: Lora, Unet-seg-onnx and Unet-seg-trt), so the
+# WebUI's own folder is not touched. Stopped, and what the tests wrote removed, on exit; the
+# WebUI logs stay.
 set -euo pipefail
 TARGET=$(cd "${1:?usage: run_live_tests.sh TARGET [PORT] [-- pytest args]}" && pwd); shift
 PORT=7871
@@ -19,22 +27,33 @@ if [[ $# -gt 0 && $1 != "--" ]]; then PORT=$1; shift; fi
 [[ ${1:-} == "--" ]] && shift
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ROOT=$TARGET/stable-diffusion-webui
-DATA=$(mktemp -d)
-EXTENSIONS=$DATA/extensions
-mkdir -p "$EXTENSIONS"
-WRITTEN_BY_TESTS=" Lora Unet-seg-onnx Unet-seg-trt "
-mkdir "$DATA/models"
-for folder in "$ROOT"/models/*; do
-  [[ $WRITTEN_BY_TESTS == *" $(basename "$folder") "* ]] || ln -s "$folder" "$DATA/models/"
+PHASES=" ${SEG_TSAM_PHASES:-api} "
+for phase in $PHASES; do
+  [[ $phase == api || $phase == browser ]] || { echo "SEG_TSAM_PHASES: unknown phase '$phase' (api, browser)" >&2; exit 2; }
 done
-# Options the tests override per request, set explicitly: WebUI 1.10.1 restores an overridden
-# option only when it was set before (see OVERRIDDEN_OPTIONS in test_live_seg.py).
-echo '{"skip_early_cond": 0.0, "batch_cond_uncond": true, "seg_batch_rows": true, "sd_unet": "Automatic"}' \
-  > "$DATA/config.json"
+WRITTEN_BY_TESTS=" Lora Unet-seg-onnx Unet-seg-trt "
+
+new_data_dir() {  # a data folder: extensions/, models/ (links), config.json
+  local data
+  data=$(mktemp -d)
+  mkdir -p "$data/extensions" "$data/models"
+  for folder in "$ROOT"/models/*; do
+    [[ $WRITTEN_BY_TESTS == *" $(basename "$folder") "* ]] || ln -s "$folder" "$data/models/"
+  done
+  # Options the tests override per request, set explicitly: WebUI 1.10.1 restores an overridden
+  # option only when it was set before (see OVERRIDDEN_OPTIONS in test_live_seg.py).
+  echo '{"skip_early_cond": 0.0, "batch_cond_uncond": true, "seg_batch_rows": true, "sd_unet": "Automatic"}' \
+    > "$data/config.json"
+  ln -sfn "$REPO/tests/webui/probe_extension" "$data/extensions/zz-seg-tsam-probe"
+  echo "$data"
+}
+DATA=$(new_data_dir)
+EXTENSIONS=$DATA/extensions
 # onnx and onnxruntime for the export tests, kept apart from the WebUI's venv (setup_webui.sh).
 EXTRA_PATH=
 [[ -d $TARGET/export-packages ]] && EXTRA_PATH=$TARGET/export-packages
-PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}  # the tests' Python (not the WebUI's)
+[[ -x $PYTHON ]] || { echo "no Python at $PYTHON: create $REPO/.venv or set PYTHON=/path/to/venv/bin/python" >&2; exit 2; }
 URL=http://127.0.0.1:$PORT
 LOG=$DATA/webui.log
 SERVER=
@@ -42,36 +61,57 @@ SERVER=
 stop() {
   if [[ -n "$SERVER" ]]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; fi
 }
-trap 'stop; rm -rf "$DATA/models"' EXIT  # rm -rf removes the links, not what they point to
+UI_DATA=
+trap 'stop; rm -rf "$DATA/models"; [[ -z $UI_DATA ]] || rm -rf "$UI_DATA/models"' EXIT  # removes the links, not what they point to
 
-start() {
+start() {  # [--ui]: with the Gradio UI (the browser phase), else API-only
+  local mode=--nowebui
+  [[ ${1:-} == --ui ]] && mode=
   (cd "$ROOT" && HF_HOME=$TARGET/hf-home HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$EXTRA_PATH exec "$TARGET/venv/bin/python" launch.py \
-    --nowebui --api --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check \
+    $mode --api --skip-prepare-environment --skip-torch-cuda-test --skip-python-version-check \
     --skip-version-check --no-download-sd-model --use-cpu all --no-half --precision full \
     --server-name 127.0.0.1 --port "$PORT" --data-dir "$DATA" --ckpt-dir "$TARGET/checkpoints" \
     --ckpt "$TARGET/checkpoints/tiny-sd1.safetensors") >>"$LOG" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 150); do
-    curl -sf "$URL/seg-tsam-probe/state" >/dev/null 2>&1 && return 0
+    curl -sf "$URL/seg-tsam-probe/state" >/dev/null 2>&1 && { [[ -n $mode ]] || curl -sf "$URL/" >/dev/null 2>&1; } && return 0
     kill -0 "$SERVER" 2>/dev/null || { tail -40 "$LOG"; echo "the WebUI exited (log: $LOG)" >&2; exit 1; }
     sleep 2
   done
   echo "the WebUI did not answer within 5 minutes (log: $LOG)" >&2; exit 1
 }
 
-ln -sfn "$REPO/tests/webui/probe_extension" "$EXTENSIONS/zz-seg-tsam-probe"
 BASELINE=$DATA/baseline.json
-
-echo "== baseline: WebUI without this extension"
-rm -f "$EXTENSIONS/sd-webui-seg-tsam"
-start
-SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_RECORD_BASELINE=$BASELINE "$PYTHON" -m pytest "$REPO/tests/webui" -q -k baseline
-stop
-
-echo "== live tests: WebUI with this extension"
-ln -sfn "$REPO" "$EXTENSIONS/sd-webui-seg-tsam"
-start
 status=0
-SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_BASELINE=$BASELINE SEG_TSAM_WEBUI_MODELS=$DATA/models "$PYTHON" -m pytest "$REPO/tests/webui" -rs "$@" || status=$?
-echo "WebUI log: $LOG"
+
+if [[ $PHASES == *" api "* ]]; then
+  echo "== baseline: WebUI without this extension"
+  rm -f "$EXTENSIONS/sd-webui-seg-tsam"
+  start
+  SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_RECORD_BASELINE=$BASELINE "$PYTHON" -m pytest "$REPO/tests/webui" -q -k baseline
+  stop
+
+  echo "== live tests: WebUI with this extension"
+  ln -sfn "$REPO" "$EXTENSIONS/sd-webui-seg-tsam"
+  start
+  SEG_TSAM_WEBUI_URL=$URL SEG_TSAM_BASELINE=$BASELINE SEG_TSAM_WEBUI_MODELS=$DATA/models "$PYTHON" -m pytest "$REPO/tests/webui" -rs "$@" || status=$?
+  stop
+  echo "WebUI log: $LOG"
+fi
+
+if [[ $PHASES == *" browser "* ]]; then
+  echo "== browser: WebUI with its UI and this extension, in headless Chromium"
+  "$PYTHON" -m pip install -q -r "$REPO/tests/webui/requirements-live.txt"
+  UI_DATA=$(new_data_dir)
+  DATA=$UI_DATA
+  LOG=$DATA/webui.log
+  ln -sfn "$REPO" "$DATA/extensions/sd-webui-seg-tsam"
+  SHOTS=${SEG_TSAM_SCREENSHOTS:-$(mktemp -d)}
+  mkdir -p "$SHOTS"
+  start --ui
+  SEG_TSAM_WEBUI_UI_URL=$URL SEG_TSAM_SCREENSHOTS=$SHOTS "$PYTHON" -m pytest "$REPO/tests/webui/test_browser.py" -rsw "$@" || status=$?
+  stop
+  echo "WebUI log (browser phase): $LOG"
+  echo "screenshots: $SHOTS"
+fi
 exit "$status"
