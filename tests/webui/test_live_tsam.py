@@ -18,7 +18,7 @@ import math
 
 import pytest
 from test_live_seg import (URL, batching_roundoff, call, checkpoints, image_hash, interrupt_midway, probe_state,  # noqa: F401
-                           relative_difference, roundoff_bound)
+                           relative_difference, roundoff_bound, xyz_script_args)
 
 pytestmark = pytest.mark.skipif(not URL, reason="SEG_TSAM_WEBUI_URL is not set (no live WebUI to test against)")
 
@@ -205,9 +205,7 @@ def test_xyz_axis(model):
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     choices = xyz["args"][0]["choices"]
     assert {"[T-SAM] Strength", "[T-SAM] Loss", "[T-SAM] Power", "[T-SAM] Active fraction"} <= set(choices)
-    nothing = choices.index("Nothing")
-    args = [choices.index("[T-SAM] Strength"), "0, 500", [], nothing, "", [], nothing, "", [], True, True, False,
-            False, False, False, False, 0, False]
+    args = xyz_script_args("[T-SAM] Strength", "0, 500", Include_Sub_Images=True)
     body = generate(tsam=[False, 5, 0.6, 3, "none", 0, "paper", 4], script_name="x/y/z plot", script_args=args)
     assert len(body["images"]) == 1 + 2
     assert pixels_hash(body, 1) == pixels_hash(generate())  # strength 0
