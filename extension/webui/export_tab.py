@@ -139,9 +139,32 @@ def request_from_widgets(preset: str, layers: str, precision: str, build_engine:
     return ExportRequest(preset=preset, seg_layers=layers, precision=precision, build_engine=bool(build_engine))
 
 
+#: What the tables' columns are called on screen (the API's lists use the keys in ENGINE_COLUMNS/EXPORT_COLUMNS).
+_HEADERS = {"id": "Engine id", "checkpoint": "Checkpoint", "hash": "Hash", "family": "Family", "profile": "Sizes",
+            "seg_layers": "SEG layers", "precision": "Precision", "tensorrt": "TensorRT", "gpu": "GPU",
+            "file": "File", "LoRA": "LoRA"}
+
+
+def _headers(columns: tuple[str, ...]) -> list[str]:
+    return [_HEADERS.get(column, column) for column in columns]
+
+
 def _table(columns: tuple[str, ...], rows: list[list[Any]]) -> dict[str, Any]:
     """A Dataframe value that keeps its column names: Gradio 3.41 numbers the columns of an empty list."""
-    return {"headers": list(columns), "data": rows}
+    return {"headers": _headers(columns), "data": rows}
+
+
+def _first_cell_of_selected_row(table: Any, event: gr.SelectData) -> str:
+    """Clicking a row of a table puts its id/file (first column) into the delete box."""
+    rows = table.get("data", []) if isinstance(table, dict) else getattr(table, "values", table)
+    try:
+        return str(list(rows)[event.index[0]][0])
+    except (IndexError, TypeError, KeyError):
+        return ""
+
+
+#: Asks before deleting; cancelling sends an empty name, which deletes nothing.
+_CONFIRM_DELETE = "(name) => (name && confirm('Delete ' + name + ' and its files?')) ? name : ''"
 
 
 def _engine_table() -> dict[str, Any]:
@@ -198,7 +221,12 @@ SD_UNET_RESET = (" It was the selected SD Unet: Settings → SD Unet is now **Au
                  "own UNet runs.")
 
 
+NOTHING_SELECTED = "Nothing deleted: click a row of the table first (or the deletion was cancelled)."
+
+
 def _on_delete_export(onnx_file: str):
+    if not (onnx_file or "").strip():
+        return NOTHING_SELECTED, _export_table(), ""
     try:
         deleted = export_service.delete_export(_models_dir(), (onnx_file or "").strip())
         sd_unet.list_unets()
@@ -206,18 +234,20 @@ def _on_delete_export(onnx_file: str):
         if unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"])):
             message += SD_UNET_RESET
     except (ExportRequestError, ExportNotFound, ExportFailed) as error:
-        message = f"**Not deleted:** {_plain(error)}"
-    return message, _export_table()
+        return f"**Not deleted:** {_plain(error)}", _export_table(), onnx_file
+    return message, _export_table(), ""
 
 
 def _on_delete(engine_id: str):
+    if not (engine_id or "").strip():
+        return NOTHING_SELECTED, _engine_table(), ""
     try:
         entry = export_service.delete_engine(_models_dir(), (engine_id or "").strip())
         sd_unet.list_unets()
         message = f"Deleted engine `{entry['id']}` ({entry['engine_file']})."
     except (ExportRequestError, EngineNotFound, ExportFailed) as error:
-        message = f"**Not deleted:** {_plain(error)}"
-    return message, _engine_table()
+        return f"**Not deleted:** {_plain(error)}", _engine_table(), engine_id
+    return message, _engine_table(), ""
 
 
 def _pip_install(arguments: str, what: str) -> str:
@@ -286,24 +316,34 @@ def on_ui_tabs():
             ]
         export = gr.Button("Export", variant="primary", elem_id="seg_export_run")
         status = gr.Markdown("", elem_id="seg_export_status")
-        engines = gr.Dataframe(headers=list(ENGINE_COLUMNS), value=_engine_table, interactive=False,
-                               elem_id="seg_export_engines")
-        with gr.Row():
-            engine_id = gr.Textbox(label="Engine id to delete", elem_id="seg_export_delete_id")
-            delete = gr.Button("Delete engine", elem_id="seg_export_delete")
-        exports = gr.Dataframe(headers=list(EXPORT_COLUMNS), value=_export_table, interactive=False,
+        gr.Markdown("### ONNX exports\nEach can run as Settings → SD Unet `[SEG ONNX] …`. Click a row to select it.")
+        exports = gr.Dataframe(headers=_headers(EXPORT_COLUMNS), value=_export_table, interactive=False,
                                elem_id="seg_export_onnx_files")
         with gr.Row():
-            onnx_file = gr.Textbox(label="ONNX file to delete", elem_id="seg_export_delete_onnx_name")
+            onnx_file = gr.Textbox(label="Selected ONNX export", placeholder="click a row above",
+                                   elem_id="seg_export_delete_onnx_name")
             delete_onnx = gr.Button("Delete ONNX export", elem_id="seg_export_delete_onnx")
             refresh = gr.Button("Refresh lists", elem_id="seg_export_refresh")
+        exports_status = gr.Markdown("", elem_id="seg_export_onnx_status")
+        gr.Markdown("### TensorRT engines\nBuilt from the exports for this GPU; Settings → SD Unet `[SEG TRT] …` "
+                    "picks the one that fits each call. Click a row to select it.")
+        engines = gr.Dataframe(headers=_headers(ENGINE_COLUMNS), value=_engine_table, interactive=False,
+                               elem_id="seg_export_engines")
+        with gr.Row():
+            engine_id = gr.Textbox(label="Selected engine", placeholder="click a row above",
+                                   elem_id="seg_export_delete_id")
+            delete = gr.Button("Delete engine", elem_id="seg_export_delete")
+        engines_status = gr.Markdown("", elem_id="seg_export_engine_status")
 
         preset.change(lambda chosen: gr.update(open=chosen == CUSTOM), inputs=[preset], outputs=[custom_ranges],
                       show_progress=False)
         export.click(_on_export, inputs=[preset, layers, precision, build_engine, *custom],
                      outputs=[status, engines, exports])
-        delete.click(_on_delete, inputs=[engine_id], outputs=[status, engines])
-        delete_onnx.click(_on_delete_export, inputs=[onnx_file], outputs=[status, exports])
+        exports.select(_first_cell_of_selected_row, inputs=[exports], outputs=[onnx_file], show_progress=False)
+        engines.select(_first_cell_of_selected_row, inputs=[engines], outputs=[engine_id], show_progress=False)
+        delete.click(_on_delete, inputs=[engine_id], outputs=[engines_status, engines, engine_id], _js=_CONFIRM_DELETE)
+        delete_onnx.click(_on_delete_export, inputs=[onnx_file], outputs=[exports_status, exports, onnx_file],
+                          _js=_CONFIRM_DELETE)
         refresh.click(lambda: (_engine_table(), _export_table()), inputs=[], outputs=[engines, exports])
         install.click(_on_install, inputs=[], outputs=[status])
         install_tensorrt.click(_on_install_tensorrt, inputs=[], outputs=[status])

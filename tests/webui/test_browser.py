@@ -342,20 +342,28 @@ def test_export_tab_exports_lists_and_deletes(page, screenshots):
     table = page.locator("#seg_export_onnx_files").first
     assert name in table.inner_text(), f"{name} is not in the exports table"
 
-    # select the export in the table, then delete it with what the tab offers
+    # click its row, which selects it; delete; confirm the browser's question
     table.get_by_text(name, exact=True).first.click()
     name_box = page.locator("#seg_export_delete_onnx_name").locator("textarea, input").first
-    filled_by_selection = name_box.input_value() == name
-    if not filled_by_selection:  # today the user has to type (or copy) the file name
-        name_box.fill(name)
+    page.wait_for_function("name => [...gradioApp().querySelectorAll('#seg_export_delete_onnx_name textarea, "
+                           "#seg_export_delete_onnx_name input')].some(box => box.value === name)",
+                           arg=name, timeout=30_000)
+    questions: list[str] = []
+
+    def answer(dialog):
+        questions.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", answer)
     page.locator("#seg_export_delete_onnx").click()
-    page.wait_for_function("name => gradioApp().querySelector('#seg_export_status').innerText.includes('Deleted')",
-                           arg=name, timeout=60_000)
+    page.wait_for_function("() => gradioApp().querySelector('#seg_export_onnx_status').innerText.includes('Deleted')",
+                           timeout=60_000)
     page.wait_for_timeout(500)
     shot(page, screenshots, "export-deleted.png")
-    assert name in status.inner_text() and name not in table.inner_text(), status.inner_text()
-    if not filled_by_selection:
-        warnings.warn("selecting an export in the table does not fill 'ONNX file to delete': the user types its name")
+    message = page.locator("#seg_export_onnx_status").first.inner_text()
+    assert questions and name in questions[0], questions  # asked before deleting
+    assert name in message and name not in table.inner_text(), message
+    assert name_box.input_value() == "", "the deleted name stays in the box"
 
     (screenshots / "export-progress.txt").write_text(  # what the tab showed while the export ran
         "\n\n---\n\n".join(seen), encoding="utf-8")
