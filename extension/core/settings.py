@@ -140,8 +140,8 @@ class SegSettings:
     sigma: float = setting(
         math.inf, label="Blur σ", control=Control("dropdown", choices=SIGMA_CHOICES, custom_values=True),
         parse=sigma_field("sigma"), format=format_sigma, infotext="SEG sigma", axis="[SEG] Sigma",
-        info="Blur width in tokens. inf (any σ > 9999) replaces each query by the mean query: strongest, the "
-             "paper's best; smaller is gentler; 0 is no blur. Type any number ≥ 0.")
+        info="Blur width in tokens: inf (σ > 9999) uses the mean query, the strongest and the paper's best; "
+             "smaller is gentler, 0 none.")
     layers: str = setting(
         "mid", label="Layers", control=Control("text"), parse=parse_layers, infotext="SEG layers",
         axis="[SEG] Layers",
@@ -157,8 +157,7 @@ class SegSettings:
     mode: str = setting(
         "cond", label="Blurred prediction", control=Control("radio", choices=SEG_MODES), parse=one_of("mode", SEG_MODES),
         infotext="SEG mode", axis="[SEG] Mode",
-        info="cond: blur a copy of the prompt's prediction (the official code); uncond: of the negative "
-             "prompt's (the paper's Eq. 10). Without CFG both blur the prompt's.")
+        info="cond: blur the prompt's prediction (official code); uncond: the negative prompt's (paper Eq. 10).")
     hires_override: bool = setting(
         False, label="Different scale and σ for the hires. fix pass", control=Control("checkbox"),
         parse=parse_flag("hires_override"),

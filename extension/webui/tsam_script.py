@@ -54,7 +54,7 @@ class TsamScript(scripts.Script):
             widgets = {"enabled": enabled}
             gr.Markdown(TsamSettings.DESCRIPTION, elem_classes=["seg-tsam-description"])
             for row in (("strength", "active_fraction"), ("iterations", "refinement_steps", "refinement_iterations"),
-                        ("loss", "power", "show_maps")):
+                        ("loss", "power"), ("show_maps",)):
                 widgets |= controls.build_row(TsamSettings, row, self.elem_id)
         self.infotext_fields = controls.infotext_fields(TsamSettings, widgets)
         self.paste_field_names = controls.paste_field_names(self.infotext_fields)
