@@ -26,6 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from seg_tsam.extension.core import fields
+from seg_tsam.extension.core.settings import SegSettings
+from seg_tsam.extension.core.tsam import TsamSettings
+
 UI_URL = os.environ.get("SEG_TSAM_WEBUI_UI_URL", "").rstrip("/")
 CHROMIUM = os.environ.get("SEG_TSAM_CHROMIUM", "/usr/bin/chromium")
 
@@ -47,21 +51,17 @@ SEG = "script_txt2img_smoothed_energy_guidance"  #: elem_id prefix of the SEG ac
 TSAM = "script_txt2img_tsam_alignment"
 PROMPT = "a red cat on a table"
 GENERATION_TIMEOUT_MS = 300_000
-#: (widget, label, start of its info text) as the accordions show them
-SEG_CONTROLS = [("scale", "SEG scale", "How strongly sampling is pushed away"),
-                ("sigma", "Blur σ", "Blur width in tokens"),
-                ("layers", "Layers", "Self-attention layers whose queries are blurred"),
-                ("mode", "Blurred prediction", "cond: blur a copy"),
-                ("start", "Start", "SEG acts from this fraction"),
-                ("end", "End", "up to, not including")]
-TSAM_CONTROLS = [("strength", "Strength", "Step size of each latent update"),
-                 ("active_fraction", "Active fraction of steps", "The latent is updated during"),
-                 ("iterations", "Iterations per step", "Gradient updates at each active step"),
-                 ("refinement_steps", "Refinement steps", "Fractions of the steps that get extra"),
-                 ("refinement_iterations", "Refinement iterations", "Extra updates at each refinement step"),
-                 ("loss", "Loss", "official: the official code's"),
-                 ("power", "Target sharpness (power on T)", "Exponent on the text encoder's attention"),
-                 ("show_maps", "Show maps", "Add one image per picture")]
+
+
+def _shown_controls(cls, hidden: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """(widget, label, start of its info text) of every control the open accordion shows, from the
+    settings fields themselves (the one definition the UI is built from)."""
+    return [(field.name, field.spec.label, field.spec.info[:30]) for field in fields.fields_of(cls)
+            if field.name != "enabled" and field.name not in hidden]
+
+
+SEG_CONTROLS = _shown_controls(SegSettings, hidden=("hires_override", "hires_scale", "hires_sigma"))  # closed sub-accordion
+TSAM_CONTROLS = _shown_controls(TsamSettings)
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
