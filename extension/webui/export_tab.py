@@ -420,7 +420,7 @@ def _api_status() -> dict[str, Any]:
 def on_app_started(_demo, app: FastAPI) -> None:
     removed = remove_interrupted_exports(export_service.onnx_folder(_models_dir()))
     if removed:
-        logger.info("SEG export: removed the working folders of interrupted exports: %s", ", ".join(removed))
+        logger.warning("SEG export: removed the working folders of interrupted exports: %s", ", ".join(removed))
     # sync handlers: FastAPI runs them in its thread pool, so a long export blocks no event loop
     app.add_api_route(f"{API_PREFIX}/export", _api_export, methods=["POST"])
     app.add_api_route(f"{API_PREFIX}/export/status", _api_status, methods=["GET"])

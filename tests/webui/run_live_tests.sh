@@ -15,6 +15,9 @@
 #                 never `playwright install`). Installs tests/webui/requirements-live.txt into the
 #                 test venv first. Screenshots go to SEG_TSAM_SCREENSHOTS (default: a new temporary
 #                 folder), named at the end.
+#     crash    4. starts the WebUI with this extension, starts an export, kills the WebUI (SIGKILL)
+#                 while the export writes its working folder, restarts it: no working folder may be
+#                 left, and the exports list answers without warnings in the log.
 #   e.g. SEG_TSAM_PHASES=browser tests/webui/run_live_tests.sh /work/live/a1111 7895
 # The WebUI runs on 127.0.0.1 with a data folder of its own (extensions, settings; the model
 # folders linked, except those the tests write: Lora, Unet-seg-onnx and Unet-seg-trt), so the
@@ -29,7 +32,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 ROOT=$TARGET/stable-diffusion-webui
 PHASES=" ${SEG_TSAM_PHASES:-api} "
 for phase in $PHASES; do
-  [[ $phase == api || $phase == browser ]] || { echo "SEG_TSAM_PHASES: unknown phase '$phase' (api, browser)" >&2; exit 2; }
+  [[ $phase == api || $phase == browser || $phase == crash ]] ||
+    { echo "SEG_TSAM_PHASES: unknown phase '$phase' (api, browser, crash)" >&2; exit 2; }
 done
 WRITTEN_BY_TESTS=" Lora Unet-seg-onnx Unet-seg-trt "
 
@@ -62,7 +66,8 @@ stop() {
   if [[ -n "$SERVER" ]]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; fi
 }
 UI_DATA=
-trap 'stop; rm -rf "$DATA/models"; [[ -z $UI_DATA ]] || rm -rf "$UI_DATA/models"' EXIT  # removes the links, not what they point to
+CRASH_DATA=
+trap 'stop; rm -rf "$DATA/models"; for extra in "$UI_DATA" "$CRASH_DATA"; do [[ -z $extra ]] || rm -rf "$extra/models"; done' EXIT  # removes the links, not what they point to
 
 start() {  # [--ui]: with the Gradio UI (the browser phase), else API-only
   local mode=--nowebui
@@ -113,5 +118,46 @@ if [[ $PHASES == *" browser "* ]]; then
   stop
   echo "WebUI log (browser phase): $LOG"
   echo "screenshots: $SHOTS"
+fi
+
+if [[ $PHASES == *" crash "* ]]; then
+  echo "== crash: an export killed mid-way, then a restart"
+  CRASH_DATA=$(new_data_dir)
+  DATA=$CRASH_DATA
+  LOG=$DATA/webui.log
+  ln -sfn "$REPO" "$DATA/extensions/sd-webui-seg-tsam"
+  ONNX_DIR=$DATA/models/Unet-seg-onnx
+  start
+  curl -s -o /dev/null -X POST "$URL/seg-tsam/export" -H 'Content-Type: application/json' \
+    -d '{"preset": "SD1.x 512-768", "precision": "fp32", "seg_layers": "all", "build_engine": false}' &
+  CLIENT=$!
+  WORK=
+  for _ in $(seq 1 600); do  # the working folder appears when tracing starts
+    WORK=$(find "$ONNX_DIR" -maxdepth 1 -type d -name '.*.onnx.*.tmp' 2>/dev/null | head -1)
+    [[ -n $WORK ]] && break
+    sleep 0.1
+  done
+  kill -9 "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=
+  wait "$CLIENT" 2>/dev/null || true
+  crash_status=0
+  if [[ -z $WORK || ! -d $WORK ]]; then
+    echo "FAILED: the export's working folder never appeared in $ONNX_DIR (or vanished before the kill)"; crash_status=1
+  else
+    echo "killed the WebUI while $(basename "$WORK") was being written"
+    : >"$LOG.after"
+    LOG_BEFORE=$LOG; LOG=$LOG.after
+    start
+    LISTED=$(curl -sf "$URL/seg-tsam/exports" || echo "no answer")
+    stop
+    LEFT=$(find "$ONNX_DIR" -maxdepth 1 -name '.*.tmp' | wc -l)
+    if [[ $LEFT -ne 0 ]]; then echo "FAILED: $LEFT working folder(s) left after the restart"; crash_status=1; fi
+    if [[ $LISTED != '{"exports":[]}' ]]; then echo "FAILED: the exports list after the restart: $LISTED"; crash_status=1; fi
+    if grep -q "ignoring the unreadable export info" "$LOG"; then echo "FAILED: the log warns about export info"; crash_status=1; fi
+    grep -q "removed the working folders of interrupted exports" "$LOG" ||
+      { echo "FAILED: the restart did not report the clean-up"; crash_status=1; }
+    LOG=$LOG_BEFORE
+  fi
+  if [[ $crash_status -eq 0 ]]; then echo "crash phase: 1 passed, 0 failed"; else echo "crash phase: 0 passed, 1 failed"; status=1; fi
+  echo "WebUI logs (crash phase): $LOG $LOG.after"
 fi
 exit "$status"
