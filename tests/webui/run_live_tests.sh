@@ -133,7 +133,7 @@ if [[ $PHASES == *" crash "* ]]; then
   CLIENT=$!
   WORK=
   for _ in $(seq 1 600); do  # the working folder appears when tracing starts
-    WORK=$(find "$ONNX_DIR" -maxdepth 1 -type d -name '.*.onnx.*.tmp' 2>/dev/null | head -1)
+    WORK=$(find "$ONNX_DIR" -maxdepth 1 -type d -name '.*.onnx.*.tmp' 2>/dev/null | head -1 || true)  # no folder yet: empty
     [[ -n $WORK ]] && break
     sleep 0.1
   done
