@@ -380,3 +380,23 @@ def test_interrupted_generation_leaves_no_hook(model):
     assert after["unet_hooks"] == 0 and after["fingerprint"] == before["fingerprint"]
     assert after["forward_overrides"] == before["forward_overrides"]
     assert image_hash(generate()) == image_hash(generate())
+
+
+def test_defaults_are_the_fields_own_with_no_settings_of_our_own():
+    """Settings → Defaults (the WebUI's) is how users change defaults. Our own default settings were
+    saved unvalidated and then broke every API request: none remain, and the API's default
+    arguments are the fields' defaults."""
+    from seg_tsam.extension.core import fields
+    from seg_tsam.extension.core.settings import SegSettings
+    from seg_tsam.extension.core.tsam import TsamSettings
+
+    options = call("GET", "/sdapi/v1/options")[1]
+    assert not [key for key in options if key.startswith(("seg_default_", "tsam_default_"))]
+    info = call("GET", "/sdapi/v1/script-info")[1]
+    for cls, name in ((SegSettings, TITLE.lower()), (TsamSettings, "t-sam alignment")):
+        script = next(s for s in info if s["name"] == name and not s["is_img2img"])
+        expected = []
+        for field in fields.fields_of(cls):
+            value = field.spec.widget_default if field.default is None else fields.display(field.default, field)
+            expected.append(str(value) if field.spec.control.kind == "dropdown" else value)
+        assert [arg["value"] for arg in script["args"]] == expected, script["args"]

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import os
 
 import pytest
 from test_live_seg import (URL, batching_roundoff, call, checkpoints, image_hash, interrupt_midway, probe_state,  # noqa: F401
@@ -255,3 +256,24 @@ def test_nan_is_refused(model):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=120)
     assert error.value.code in (400, 422)
+
+
+def test_show_maps_are_saved_with_the_images_and_carry_a_legend(model):
+    """Saved beside the image when the request saves images; the colour scale drawn at the bottom."""
+    models = os.environ.get("SEG_TSAM_WEBUI_MODELS")
+    if not models:
+        pytest.skip("SEG_TSAM_WEBUI_MODELS is not set (the WebUI's data folder is unknown)")
+    from pathlib import Path
+
+    from PIL import Image
+
+    outputs = Path(models).parent / "outputs"
+    before = set(outputs.rglob("*-tsam-maps.png")) if outputs.exists() else set()
+    generate(tsam=[{**STRONG, "show_maps": True}], save_images=True)
+    new = sorted(set(outputs.rglob("*-tsam-maps.png")) - before)
+    assert len(new) == 1, new
+    image = Image.open(new[0]).convert("RGB")
+    row = image.height - 41  # the legend's colour bar: black → red → yellow → white, left to right
+    bar = [image.getpixel((10 + x, row)) for x in range(0, 240, 8)]
+    assert sum(bar[0]) < 60 and sum(bar[-1]) > 700, bar
+    assert [pixel[0] for pixel in bar] == sorted(pixel[0] for pixel in bar), bar
