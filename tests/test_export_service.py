@@ -303,3 +303,14 @@ def test_export_current_checkpoint_ldm(tmp_path, monkeypatch):
                                       attention_path=keep_installed_attention)
     finally:
         modules_gen.close()
+
+
+def test_messages_are_shown_as_text_not_markup():
+    """An error such as "expected <i>…</i>" lost its angle brackets in the tab's Markdown (which,
+    like Gradio's, passes HTML through): rendered by a CommonMark renderer with HTML on."""
+    markdown_it = pytest.importorskip("markdown_it", reason="markdown-it-py (a CommonMark renderer) is not installed")
+
+    shown = export_service.plain_markdown("dtype <i>float16</i> vs *float32* in down_blocks_1")
+    rendered = markdown_it.MarkdownIt("commonmark", {"html": True}).render(shown)
+    assert "<i>" not in rendered and "<em>" not in rendered
+    assert "&lt;i&gt;float16&lt;/i&gt;" in rendered and "*float32*" in rendered and "down_blocks_1" in rendered

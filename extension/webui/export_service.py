@@ -12,6 +12,7 @@ the functions that need them (through ``onnx_export``/``engine_build``), never a
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -158,6 +159,11 @@ def onnx_file_name(checkpoint_hash: str, seg_layers: str, precision: str) -> str
     if not all(parts):
         raise ExportRequestError(f"cannot name an export from {checkpoint_hash!r}, {seg_layers!r}, {precision!r}")
     return "_".join(parts) + ".onnx"
+
+
+def plain_markdown(text: str) -> str:
+    """``text`` shown as itself in a Markdown block: ``<i>``, ``*`` and ``_`` are not markup."""
+    return html.escape(text).replace("*", "\\*").replace("_", "\\_")
 
 
 def onnx_folder(models_dir: Path | str) -> Path:

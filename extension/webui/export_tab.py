@@ -14,7 +14,6 @@ deletes take an engine id or the name of a listed ONNX export (no folder).
 from __future__ import annotations
 
 import contextlib
-import html
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,8 +208,7 @@ def _loaded_family_preset() -> str:
 
 
 def _plain(error: object) -> str:
-    """An error message shown as text in a Markdown block: ``<i>``, ``*`` and friends are not markup."""
-    return html.escape(str(error)).replace("*", "\\*").replace("_", "\\_")
+    return export_service.plain_markdown(str(error))
 
 
 def _export_table() -> dict[str, Any]:

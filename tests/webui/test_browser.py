@@ -213,6 +213,20 @@ def test_accordions_show_labelled_controls_with_info(page, screenshots):
         assert box is not None and box["height"] > 100
 
 
+def test_hires_values_are_editable_only_with_their_override(page, screenshots):
+    open_accordion(page, f"{SEG}_enabled")
+    page.locator(f"#{SEG}_enabled").get_by_text("Hires. fix second pass", exact=True).first.click()
+    number = page.locator(f"#{SEG}_hires_scale input[type=number]").first
+    number.wait_for(state="visible")
+    override = page.locator(f"#{SEG}_hires_override input[type=checkbox]").first
+    assert number.is_disabled(), "the hires scale is editable while the override is off"
+    override.set_checked(True)
+    page.wait_for_function(f"() => !gradioApp().querySelector('#{SEG}_hires_scale input[type=number]').disabled")
+    shot(page, screenshots, "seg-hires-override.png")
+    override.set_checked(False)
+    page.wait_for_function(f"() => gradioApp().querySelector('#{SEG}_hires_scale input[type=number]').disabled")
+
+
 def test_seg_generation_shows_seg_in_the_generation_info(page, screenshots):
     open_accordion(page, f"{SEG}_enabled")
     tick(page, f"{SEG}_enabled")
