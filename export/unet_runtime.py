@@ -25,7 +25,6 @@ Nothing here imports the WebUI, tensorrt or onnxruntime: the WebUI glue
 from __future__ import annotations
 
 from collections import Counter
-
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -144,10 +143,8 @@ class ReplacementUNet:
         self.fallback = fallback
         self.notice = notice
         self.weights = weights
-        self.notices: set[str] = set()  #: the distinct fallback reasons given so far
         self.fallbacks: Counter[str] = Counter()  #: calls that ran on PyTorch, per reason
         self.session_calls = 0  #: calls the session ran (the rest ran on PyTorch)
-        self.fallback_calls = 0
         self.weight_loads = 0  #: times a session took new weights (LoRA changes)
         self._refused_weights: dict[Hashable, str] = {}
 
@@ -156,9 +153,7 @@ class ReplacementUNet:
         try:
             session, named = self._prepare(x, timesteps, context, args, kwargs)
         except EngineCannotRun as reason:
-            self._notice(str(reason))
-            self.fallbacks[str(reason)] += 1
-            self.fallback_calls += 1
+            self._fall_back(str(reason))
             return self.fallback(x, timesteps, context, *args, **kwargs)
         output = session.run(named)
         self.session_calls += 1
@@ -192,7 +187,17 @@ class ReplacementUNet:
             raise
         self.weight_loads += 1
 
-    def _notice(self, reason: str) -> None:
-        if reason not in self.notices:
-            self.notices.add(reason)
+    @property
+    def fallback_calls(self) -> int:
+        return sum(self.fallbacks.values())
+
+    @property
+    def notices(self) -> frozenset[str]:
+        """The distinct fallback reasons given so far."""
+        return frozenset(self.fallbacks)
+
+    def _fall_back(self, reason: str) -> None:
+        """Count a call that runs on PyTorch; a reason is told (``notice``) the first time only."""
+        if reason not in self.fallbacks:
             self.notice(reason)
+        self.fallbacks[reason] += 1

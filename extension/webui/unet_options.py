@@ -110,16 +110,16 @@ class GenerationCalls:
     def __init__(self):
         self.unet = sd_unet.current_unet if isinstance(sd_unet.current_unet, SegReplacementUnet) else None
         runtime = None if self.unet is None else self.unet.runtime
-        self.before = (0, 0, Counter()) if runtime is None else (
-            runtime.session_calls, runtime.fallback_calls, Counter(runtime.fallbacks))
+        self.sessions_before = 0 if runtime is None else runtime.session_calls
+        self.fallbacks_before = Counter() if runtime is None else Counter(runtime.fallbacks)
 
     def note(self) -> str | None:
         runtime = None if self.unet is None else self.unet.runtime
         if runtime is None or self.unet is not sd_unet.current_unet:
             return None
-        sessions, fallbacks, reasons = self.before
-        calls = runtime.session_calls - sessions + runtime.fallback_calls - fallbacks
-        return fallback_note(self.unet.label, calls, runtime.fallbacks - reasons)
+        fallbacks = runtime.fallbacks - self.fallbacks_before
+        calls = runtime.session_calls - self.sessions_before + sum(fallbacks.values())
+        return fallback_note(self.unet.label, calls, fallbacks)
 
 
 class SegUnetOption(sd_unet.SdUnetOption):
