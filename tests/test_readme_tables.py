@@ -61,8 +61,8 @@ def test_a_new_field_is_one_definition():
 
     names = fields.positional_names(WithRescale)
     assert names[-1] == "rescale" and names[:-1] == fields.positional_names(SegSettings)
-    positional = fields.from_args(WithRescale, [True, 3, "inf", "mid", 0, 1, "cond", False, None, None, 0.5], "SEG")
-    named = fields.from_args(WithRescale, [{"rescale": "0.5"}], "SEG")
+    positional = fields.from_args(WithRescale, [True, 3, "inf", "mid", 0, 1, "cond", False, None, None, 0.5])
+    named = fields.from_args(WithRescale, [{"rescale": "0.5"}])
     assert positional == named and named.rescale == 0.5 and named.sigma == math.inf
     written = named.to_infotext()
     assert written["SEG rescale"] == 0.5
@@ -71,4 +71,4 @@ def test_a_new_field_is_one_definition():
     assert len(axis) == 1 and fields.axis_type(axis[0]) is float
     assert "| Rescale | 10 / `rescale` | `0.0` | `SEG rescale` | [SEG] Rescale |" in fields.markdown_table(WithRescale)
     with pytest.raises(fields.SettingsError, match="rescale: must be in"):
-        fields.from_args(WithRescale, [{"rescale": 2}], "SEG")
+        fields.from_args(WithRescale, [{"rescale": 2}])

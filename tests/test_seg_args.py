@@ -13,7 +13,7 @@ POSITIONAL = fields.positional_names(SegSettings)
 
 
 def settings_from_args(args, overrides=None):
-    return fields.from_args(SegSettings, args, "SEG", overrides)
+    return fields.from_args(SegSettings, args, overrides)
 
 
 UI_DEFAULTS = [False, 3.0, "inf", "mid", 0.0, 1.0, "cond", False, 3.0, "inf"]

@@ -108,13 +108,13 @@ def test_a_switched_off_method_reads_nothing_but_its_switch():
     from seg_tsam.extension.core import fields
     from seg_tsam.extension.core.tsam import TsamSettings
 
-    assert fields.from_args(SegSettings, [False, 3, "inf", "z9"], "SEG") == SegSettings()
-    assert fields.from_args(SegSettings, [{"enabled": False, "layers": "z9", "typo": 1}], "SEG") == SegSettings()
-    assert fields.from_args(TsamSettings, [False, 5, 0.6, 1, "abc"], "T-SAM") == TsamSettings()
+    assert fields.from_args(SegSettings, [False, 3, "inf", "z9"]) == SegSettings()
+    assert fields.from_args(SegSettings, [{"enabled": False, "layers": "z9", "typo": 1}]) == SegSettings()
+    assert fields.from_args(TsamSettings, [False, 5, 0.6, 1, "abc"]) == TsamSettings()
     with pytest.raises(SettingsError, match="enabled: expected true or false"):
-        fields.from_args(SegSettings, ["yes", 3, "inf", "mid"], "SEG")
+        fields.from_args(SegSettings, ["yes", 3, "inf", "mid"])
     with pytest.raises(SettingsError, match="layers: unknown layer 'z9'"):  # an X/Y/Z cell turns it on
-        fields.from_args(SegSettings, [False, 3, "inf", "z9"], "SEG", {"scale": 2})
+        fields.from_args(SegSettings, [False, 3, "inf", "z9"], {"scale": 2})
 
 
 @pytest.mark.parametrize("sigma", [1e-200, 1e-300, 5e-324, 1e-163])
@@ -137,9 +137,9 @@ def test_integers_too_large_for_a_float_have_their_meaning_or_a_message():
         with pytest.raises(SettingsError, match=f"^{field}"):
             SegSettings(enabled=True, **{field: huge})
     with pytest.raises(SettingsError, match=r"^iterations: expected a whole number, got an integer of about 401 digits"):
-        fields.from_args(TsamSettings, [{"iterations": huge}], "T-SAM")
+        fields.from_args(TsamSettings, [{"iterations": huge}])
     with pytest.raises(SettingsError, match="^strength"):
-        fields.from_args(TsamSettings, [{"strength": -huge}], "T-SAM")
+        fields.from_args(TsamSettings, [{"strength": -huge}])
     with pytest.raises(SettingsError, match="^layers: layer index in 'd9999.*more than 4 digits"):
         SegSettings(enabled=True, layers="d" + "9" * 5000)
     with pytest.raises(SettingsError, match="^sigma: expected a number, got 'xxxx") as error:

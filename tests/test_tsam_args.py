@@ -20,7 +20,7 @@ def from_infotext(params):
 
 
 def settings_from_args(args, overrides=None):
-    return fields.from_args(TsamSettings, args, "T-SAM", overrides)
+    return fields.from_args(TsamSettings, args, overrides)
 
 #: What the UI sends with every control at its default (gradio sliders send floats).
 UI_DEFAULTS = [False, 5.0, 0.6, 1.0, "0,0.2,0.4", 20.0, "official", 3.0, False]

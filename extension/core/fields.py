@@ -123,19 +123,19 @@ def _without_gated_off(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if not gates[name] or values.get(gates[name])}
 
 
-def from_mapping(cls: type, values: Mapping[str, Any], method: str, *, enabled_default: bool = True):
+def from_mapping(cls: type, values: Mapping[str, Any], *, enabled_default: bool = True):
     """Settings from the API's named dict: unknown keys are an error, missing ones take the
     defaults, ``enabled`` defaults to ``enabled_default``."""
     if not isinstance(values, Mapping):
-        raise SettingsError(f"expected a dict of {method} settings, got {type(values).__name__}")
+        raise SettingsError(f"expected a dict of {cls.METHOD} settings, got {type(values).__name__}")
     known = positional_names(cls)
     unknown = sorted(str(key) for key in set(values) - set(known))
     if unknown:
-        raise SettingsError(f"unknown {method} setting(s) {unknown}; known: {sorted(known)}")
+        raise SettingsError(f"unknown {cls.METHOD} setting(s) {unknown}; known: {sorted(known)}")
     return cls(**{"enabled": enabled_default, **values})
 
 
-def from_args(cls: type, args: Sequence[Any], method: str, overrides: Mapping[str, Any] | None = None):
+def from_args(cls: type, args: Sequence[Any], overrides: Mapping[str, Any] | None = None):
     """Settings from a script's arguments: positional in field order, or one named dict first.
 
     ``overrides`` (X/Y/Z cells) replace fields and turn the method on. A method that is off reads
@@ -150,13 +150,13 @@ def from_args(cls: type, args: Sequence[Any], method: str, overrides: Mapping[st
         return cls()
     fields_of(cls)[0].spec.parse(enabled)  # a switch that is neither true nor false is an error
     if named:
-        settings = from_mapping(cls, values, method)
+        settings = from_mapping(cls, values)
     else:
         settings = cls(**_without_gated_off(cls, values))
     if overrides:
         unknown = sorted(set(overrides) - set(positional_names(cls)))
         if unknown:
-            raise SettingsError(f"unknown {method} override(s) {unknown}")
+            raise SettingsError(f"unknown {cls.METHOD} override(s) {unknown}")
         settings = dataclasses.replace(settings, **{**overrides, "enabled": True})
     return settings
 
@@ -166,12 +166,12 @@ def infotext_keys(cls: type) -> dict[str, str]:
     return {field.name: field.spec.infotext for field in fields_of(cls) if field.spec.infotext}
 
 
-def display(value: Any, field: Field | None = None) -> Any:
-    """How a value is written out (infotext, API dicts, docs): the field's ``format``, else
+def display(value: Any, field: Field) -> Any:
+    """How ``field``'s value is written out (infotext, API dicts, docs): its ``format``, else
     infinities as ``inf``; unset (None) stays None."""
     if value is None:
         return None
-    if field is not None and field.spec.format is not None:
+    if field.spec.format is not None:
         return field.spec.format(value)
     return "inf" if isinstance(value, float) and math.isinf(value) else value
 

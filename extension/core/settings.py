@@ -208,7 +208,7 @@ class SegSettings:
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, enabled_default: bool = True) -> SegSettings:
         """Build from a named dict (API form); unknown keys are an error, missing ones default."""
-        return fields.from_mapping(cls, values, "SEG", enabled_default=enabled_default)
+        return fields.from_mapping(cls, values, enabled_default=enabled_default)
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: fields.display(getattr(self, field.name), field) for field in fields.fields_of(type(self))}

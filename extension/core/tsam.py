@@ -546,7 +546,7 @@ class TsamSettings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, enabled_default: bool = True) -> TsamSettings:
         """Build from a named dict (API form); unknown keys are an error, missing ones default."""
-        return fields.from_mapping(cls, values, "T-SAM", enabled_default=enabled_default)
+        return fields.from_mapping(cls, values, enabled_default=enabled_default)
 
     def to_infotext(self) -> dict[str, Any]:
         """Infotext entries; empty when T-SAM is off. "Show maps" is a display choice, not written."""

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from ..core import fields
+from ..core.fields import SettingsError
+from ..core.layers import LayerSpecError
+
+logger = logging.getLogger("seg_tsam")
 
 #: Settings → "SEG / T-SAM" (both scripts add their options here).
 SETTINGS_SECTION = ("seg_tsam", "SEG / T-SAM")
@@ -61,6 +68,41 @@ def fail_sampling(p: Any, error: RequestError) -> None:
         raise error
 
     p.sample = sample
+
+
+def settings_or_fail(p: Any, cls: type, args: Sequence[Any], overrides: Any, error: type[RequestError], title: str,
+                     check: Callable[[Any], None]) -> Any | None:
+    """A script's validated settings from its arguments (``check`` runs when they have an effect:
+    what the model or sampler must allow), or ``None`` after making ``p.sample`` fail with a message
+    naming the script. Never lets an error through: the WebUI's script runner would swallow it and
+    generate without the script."""
+    try:
+        settings = fields.from_args(cls, args, overrides)
+        if settings.has_effect:
+            check(settings)
+        return settings
+    except (SettingsError, LayerSpecError) as problem:
+        logger.error("%s: %s", cls.METHOD, problem)
+        fail_sampling(p, error(f"{title}: {problem}"))
+    except Exception as problem:
+        logger.exception("%s: could not read the arguments", cls.METHOD)
+        fail_sampling(p, error(f"{title}: could not read the arguments: {problem!s:.200}"))
+    return None
+
+
+def axis_confirmer(cls: type, error: type[RequestError], title: str,
+                   check: Callable[[Any], None] = lambda settings: None) -> Callable[[str, list], None]:
+    """``confirm(field, values)`` for :func:`register_xyz_axes`: every value of an X/Y/Z axis
+    validated (and ``check``-ed) before a cell runs; a bad one fails with a message naming it."""
+
+    def confirm(field: str, values: list) -> None:
+        for value in values:
+            try:
+                check(fields.from_args(cls, [], {field: value}))
+            except (SettingsError, LayerSpecError) as problem:
+                raise error(f"{title}: X/Y/Z value {fields.shown(value)}: {problem}") from None
+
+    return confirm
 
 
 def package_installed(package: str) -> bool:

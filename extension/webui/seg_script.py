@@ -9,22 +9,20 @@ anything touches the model.
 
 from __future__ import annotations
 
-import logging
-
 import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from ..adapters.unet_layers import self_attention_layers
-from ..core.layers import LayerSpecError, select_layers
+from ..core.layers import select_layers
 from ..core import fields
 from ..core.settings import SegSettings, SettingsError
 from . import controls, unet_options
-from .common import RequestError, add_settings, fail_sampling, option, refuse_foreign_replacement, register_xyz_axes
+from .common import (RequestError, add_settings, axis_confirmer, option, refuse_foreign_replacement,
+                     register_xyz_axes, settings_or_fail)
 from ..adapters.a1111.seg_sampling import SegGeneration
 
-logger = logging.getLogger("seg_tsam")
-
+TITLE = "Smoothed Energy Guidance"
 
 
 class SegError(RequestError):
@@ -39,7 +37,7 @@ class _Active:
 
 class SegScript(scripts.Script):
     def title(self) -> str:
-        return "Smoothed Energy Guidance"
+        return TITLE
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
@@ -59,19 +57,9 @@ class SegScript(scripts.Script):
         return [widgets[name] for name in fields.positional_names(SegSettings)]
 
     def process(self, p, *args):
-        try:
-            settings = fields.from_args(SegSettings, args, "SEG", getattr(p, "seg_overrides", None))
-            if settings.has_effect:
-                _check_model(settings)
-        except (SettingsError, LayerSpecError) as error:
-            logger.error("SEG: %s", error)
-            fail_sampling(p, SegError(f"Smoothed Energy Guidance: {error}"))
-            return
-        except Exception as error:  # never skip SEG silently (the WebUI's script runner would swallow it)
-            logger.exception("SEG: could not read the arguments")
-            fail_sampling(p, SegError(f"Smoothed Energy Guidance: could not read the arguments: {error!s:.200}"))
-            return
-        if not settings.has_effect:
+        settings = settings_or_fail(p, SegSettings, args, getattr(p, "seg_overrides", None), SegError, TITLE,
+                                    _check_model)
+        if settings is None or not settings.has_effect:
             return
         p.extra_generation_params.update(settings.to_infotext())
         _wrap_sampling(p, settings)
@@ -107,7 +95,7 @@ def _wrap_sampling(p, settings: SegSettings) -> None:
     batch_rows = bool(option("seg_batch_rows", True)) and bool(shared.opts.batch_cond_uncond)
 
     def sample(*args, **kwargs):
-        refuse_foreign_replacement("Smoothed Energy Guidance", SegError)
+        refuse_foreign_replacement(TITLE, SegError)
         generation = SegGeneration(settings, batch_rows=batch_rows, owner=p,
                                    max_extra_rows=None if shared.opts.batch_cond_uncond else p.batch_size)
         with generation:
@@ -136,17 +124,9 @@ def _on_ui_settings() -> None:
     add_settings(options)
 
 
-def _confirm_axis(field: str, values: list) -> None:
-    """Every value of an X/Y/Z axis checked (and the layers against the loaded model) before a cell runs."""
-    for value in values:
-        try:
-            _check_model(fields.from_args(SegSettings, [], SegSettings.METHOD, {field: value}))
-        except (SettingsError, LayerSpecError) as error:
-            raise SegError(f"Smoothed Energy Guidance: X/Y/Z value {fields.shown(value)}: {error}") from None
-
-
-def _register_xyz_axes() -> None:
-    register_xyz_axes("seg_overrides", controls.xyz_axes(SegSettings), _confirm_axis)
+def _register_xyz_axes() -> None:  # an axis's layers are checked against the loaded model too
+    register_xyz_axes("seg_overrides", controls.xyz_axes(SegSettings),
+                      axis_confirmer(SegSettings, SegError, TITLE, _check_model))
 
 
 def register_callbacks() -> None:

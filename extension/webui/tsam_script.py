@@ -10,8 +10,6 @@ exists inside ``p.sample``; ``process_before_every_sampling`` attaches the gener
 
 from __future__ import annotations
 
-import logging
-
 import gradio as gr
 import torch
 from modules import script_callbacks, scripts, shared
@@ -24,10 +22,8 @@ from ..core import fields
 from ..core.settings import SettingsError
 from ..core.tsam import TsamSettings
 from . import controls
-from .common import RequestError, fail_sampling, refuse_foreign_replacement, register_xyz_axes
+from .common import RequestError, axis_confirmer, refuse_foreign_replacement, register_xyz_axes, settings_or_fail
 from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
-
-logger = logging.getLogger("seg_tsam")
 
 TITLE = "T-SAM alignment"
 
@@ -61,19 +57,9 @@ class TsamScript(scripts.Script):
         return [widgets[name] for name in fields.positional_names(TsamSettings)]
 
     def process(self, p, *args):
-        try:
-            settings = fields.from_args(TsamSettings, args, "T-SAM", getattr(p, "tsam_overrides", None))
-            if settings.has_effect:
-                _check_supported(p)
-        except SettingsError as error:
-            logger.error("T-SAM: %s", error)
-            fail_sampling(p, TsamError(f"{TITLE}: {error}"))
-            return
-        except Exception as error:  # never skip T-SAM silently (the WebUI's script runner would swallow it)
-            logger.exception("T-SAM: could not read the arguments")
-            fail_sampling(p, TsamError(f"{TITLE}: could not read the arguments: {error!s:.200}"))
-            return
-        if not settings.has_effect:
+        settings = settings_or_fail(p, TsamSettings, args, getattr(p, "tsam_overrides", None), TsamError, TITLE,
+                                    lambda settings: _check_supported(p))
+        if settings is None or not settings.has_effect:
             return
         p.extra_generation_params.update(settings.to_infotext())
         _wrap_sampling(p, settings)
@@ -317,17 +303,8 @@ def _draw_legend(draw: ImageDraw.ImageDraw, origin: tuple[int, int], font) -> No
 # --------------------------------------------------------------------------------------------
 
 
-def _confirm_axis(field: str, values: list) -> None:
-    """Every value of an X/Y/Z axis checked before a cell runs."""
-    for value in values:
-        try:
-            fields.from_args(TsamSettings, [], TsamSettings.METHOD, {field: value})
-        except SettingsError as error:
-            raise TsamError(f"{TITLE}: X/Y/Z value {fields.shown(value)}: {error}") from None
-
-
 def _register_xyz_axes() -> None:
-    register_xyz_axes("tsam_overrides", controls.xyz_axes(TsamSettings), _confirm_axis)
+    register_xyz_axes("tsam_overrides", controls.xyz_axes(TsamSettings), axis_confirmer(TsamSettings, TsamError, TITLE))
 
 
 def register_callbacks() -> None:
