@@ -98,6 +98,15 @@ def axis_type(field: Field) -> type:
     return type(default)
 
 
+def gates(cls: type) -> dict[str, list[Field]]:
+    """Each flag other fields need (their ``only_with``), with the fields that need it."""
+    needed: dict[str, list[Field]] = {}
+    for field in fields_of(cls):
+        if field.spec.only_with:
+            needed.setdefault(field.spec.only_with, []).append(field)
+    return needed
+
+
 def positional_names(cls: type) -> tuple[str, ...]:
     return tuple(field.name for field in fields_of(cls))
 
@@ -195,8 +204,7 @@ def enabled_in_infotext(cls: type, params: Mapping[str, Any]) -> bool:
 
 def gate_in_infotext(cls: type, gate: str, params: Mapping[str, Any]) -> bool:
     """Whether pasted infotext turns the flag ``gate`` on: any of the keys that need it is there."""
-    return any(field.spec.infotext in params for field in fields_of(cls)
-               if field.spec.only_with == gate and field.spec.infotext)
+    return any(field.spec.infotext in params for field in gates(cls)[gate] if field.spec.infotext)
 
 
 def switch_key(cls: type, name: str) -> str:

@@ -57,8 +57,8 @@ def link_gates(cls: type, widgets: dict[str, Any]) -> None:
     UI (the API builds the widgets only for their default values) there is nothing to link."""
     if getattr(gr.context.Context, "root_block", None) is None:
         return
-    for gate in {field.spec.only_with for field in fields.fields_of(cls) if field.spec.only_with}:
-        dependents = [widgets[field.name] for field in fields.fields_of(cls) if field.spec.only_with == gate]
+    for gate, needing in fields.gates(cls).items():
+        dependents = [widgets[field.name] for field in needing]
         widgets[gate].change(fn=lambda on, count=len(dependents): [gr.update(interactive=bool(on))] * count,
                              inputs=[widgets[gate]], outputs=dependents, show_progress=False)
 
@@ -66,7 +66,7 @@ def link_gates(cls: type, widgets: dict[str, Any]) -> None:
 def infotext_fields(cls: type, widgets: dict[str, Any]) -> list[tuple[Any, Any]]:
     """The script's ``infotext_fields``: each field's widget with its infotext key; the on/off
     switch and every flag that other fields need under an :class:`InfotextSwitch`."""
-    gates = {field.spec.only_with for field in fields.fields_of(cls) if field.spec.only_with}
+    gates = fields.gates(cls)
     entries: list[tuple[Any, Any]] = []
     for field in fields.fields_of(cls):
         if field.name == "enabled":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,30 +222,31 @@ SD_UNET_RESET = (" It was the selected SD Unet: Settings → SD Unet is now **Au
 NOTHING_SELECTED = "Nothing deleted: click a row of the table first (or the deletion was cancelled)."
 
 
-def _on_delete_export(onnx_file: str):
-    if not (onnx_file or "").strip():
-        return NOTHING_SELECTED, _export_table(), ""
+def _deleting(selected: str, delete: Callable[[str], str], table: Callable[[], dict[str, Any]]):
+    """A delete button: ``delete(name)`` returns the message; then the message under the table, the
+    table again, and the selection box (cleared after a deletion, kept after a refusal)."""
+    name = (selected or "").strip()
+    if not name:
+        return NOTHING_SELECTED, table(), ""
     try:
-        deleted = export_service.delete_export(_models_dir(), (onnx_file or "").strip())
-        sd_unet.list_unets()
-        message = f"Deleted the ONNX export `{deleted['onnx_file']}` ({', '.join(deleted['removed'])})."
-        if unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"])):
-            message += SD_UNET_RESET
-    except (ExportRequestError, ExportNotFound, ExportFailed) as error:
-        return f"**Not deleted:** {_plain(error)}", _export_table(), onnx_file
-    return message, _export_table(), ""
+        message = delete(name)
+    except (ExportRequestError, ExportNotFound, EngineNotFound, ExportFailed) as error:
+        return f"**Not deleted:** {_plain(error)}", table(), name
+    sd_unet.list_unets()
+    return message, table(), ""
 
 
-def _on_delete(engine_id: str):
-    if not (engine_id or "").strip():
-        return NOTHING_SELECTED, _engine_table(), ""
-    try:
-        entry = export_service.delete_engine(_models_dir(), (engine_id or "").strip())
-        sd_unet.list_unets()
-        message = f"Deleted engine `{entry['id']}` ({entry['engine_file']})."
-    except (ExportRequestError, EngineNotFound, ExportFailed) as error:
-        return f"**Not deleted:** {_plain(error)}", _engine_table(), engine_id
-    return message, _engine_table(), ""
+def _delete_export(name: str) -> str:
+    deleted = export_service.delete_export(_models_dir(), name)
+    message = f"Deleted the ONNX export `{deleted['onnx_file']}` ({', '.join(deleted['removed'])})."
+    if unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"])):
+        message += SD_UNET_RESET
+    return message
+
+
+def _delete_engine(engine_id: str) -> str:
+    entry = export_service.delete_engine(_models_dir(), engine_id)
+    return f"Deleted engine `{entry['id']}` ({entry['engine_file']})."
 
 
 def _pip_install(arguments: str, what: str) -> str:
@@ -339,9 +340,10 @@ def on_ui_tabs():
                      outputs=[status, engines, exports])
         exports.select(_first_cell_of_selected_row, inputs=[exports], outputs=[onnx_file], show_progress=False)
         engines.select(_first_cell_of_selected_row, inputs=[engines], outputs=[engine_id], show_progress=False)
-        delete.click(_on_delete, inputs=[engine_id], outputs=[engines_status, engines, engine_id], _js=_CONFIRM_DELETE)
-        delete_onnx.click(_on_delete_export, inputs=[onnx_file], outputs=[exports_status, exports, onnx_file],
-                          _js=_CONFIRM_DELETE)
+        delete.click(lambda selected: _deleting(selected, _delete_engine, _engine_table), inputs=[engine_id],
+                     outputs=[engines_status, engines, engine_id], _js=_CONFIRM_DELETE)
+        delete_onnx.click(lambda selected: _deleting(selected, _delete_export, _export_table), inputs=[onnx_file],
+                          outputs=[exports_status, exports, onnx_file], _js=_CONFIRM_DELETE)
         refresh.click(lambda: (_engine_table(), _export_table()), inputs=[], outputs=[engines, exports])
         install.click(_on_install, inputs=[], outputs=[status])
         install_tensorrt.click(_on_install_tensorrt, inputs=[], outputs=[status])
