@@ -2,7 +2,7 @@
 
 Each field of :class:`SegSettings` is defined once with :func:`~.fields.setting`: default,
 parser, label, info text, widget, infotext key, X/Y/Z axis. The API's positional and named
-forms, infotext, the WebUI's widgets, Settings section and X/Y/Z axes, and the README's
+forms, infotext, the WebUI's widgets and X/Y/Z axes, and the README's
 control table all derive from it (see ``fields.py``).
 """
 
@@ -68,13 +68,13 @@ def parse_flag(field: str) -> Any:
     return parse
 
 
-def number_in(field: str, low: float, high: float, note: str = "") -> Any:
+def number_in(field: str, low: float, high: float) -> Any:
     """A parser for a number in ``[low, high]``."""
 
     def parse(value: Any) -> float:
         number = parse_number(field, value)
         if not low <= number <= high:
-            raise SettingsError(f"{field}: must be in [{low:g}, {high:g}]{note}, got {number:g}")
+            raise SettingsError(f"{field}: must be in [{low:g}, {high:g}], got {number:g}")
         return number
 
     return parse
