@@ -11,7 +11,7 @@ For every self-attention query shape of SD1.5 at 512×512 (token grids 64×64 C=
 rows of which ``--blurred-rows`` get the σ blur and the others the identity (as in a batched
 SEG call: the default batch 6 = 2 images × uncond/cond/SEG, SEG rows 2 and 5), it times
 
-- standard: ``apply_blur_matrices`` (export/seg_unet.py), the ops the exported graph holds;
+- standard: ``apply_blur_matrices`` (extension/core/blur.py), the ops the exported graph holds;
 - triton: ``triton_query_blur`` (trt_plugins/query_blur_kernel.py), what the TensorRT plugin runs;
 
 side by side in one run: CUDA events around ``--inner`` back-to-back calls, the two variants
@@ -32,7 +32,8 @@ from collections.abc import Callable
 
 from bench_setup import table  # also registers the seg_tsam package, so it comes before seg_tsam imports
 import torch
-from seg_tsam.export.seg_unet import apply_blur_matrices, blur_matrix_inputs
+from seg_tsam.export.seg_unet import blur_matrix_inputs
+from seg_tsam.extension.core.blur import apply_blur_matrices
 from seg_tsam.extension.core.settings import format_sigma
 
 #: (model, token grid h × w, channels) of every self-attention layer's queries.

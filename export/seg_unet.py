@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..extension.adapters.unet_layers import downsampling_count, self_attention_layers
-from ..extension.core.blur import apply_blur_matrices, blur_matrices  # noqa: F401  (the graph's blur op, re-exported)
+from ..extension.core.blur import blur_matrices
 from ..extension.core.layers import AttentionLayer, grid_at_level, select_layers
 from ..extension.core.query_blur_patch import QueryBlurPatch
 from .profiles import TOKENS_PER_CHUNK

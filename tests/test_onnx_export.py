@@ -27,7 +27,8 @@ from onnx import TensorProto, helper
 from seg_tsam.export import onnx_export
 from seg_tsam.export.onnx_checks import OnnxCheckError, check_onnx_for_tensorrt
 from seg_tsam.export.onnx_export import OnnxExportError, export_onnx, hooked_modules, keep_installed_attention
-from seg_tsam.export.seg_unet import SegExportUNet, apply_blur_matrices, blur_matrix_inputs, grid_at_level
+from seg_tsam.export.seg_unet import SegExportUNet, blur_matrix_inputs, grid_at_level
+from seg_tsam.extension.core.blur import apply_blur_matrices
 from seg_tsam.extension.adapters.diffusers import tiny_models
 from seg_tsam.extension.adapters.unet_layers import attention_layers, downsampling_count, self_attention_layers
 from seg_tsam.extension.core.blur import blur_matrices, blur_queries

@@ -4,7 +4,7 @@ Three tiers, each skipping with the precise reason when its dependencies are abs
 
 - everywhere: both modules import without triton/tensorrt, operand errors are clear
   ``ValueError``\\ s, and a missing triton/tensorrt gives ``RuntimeError`` / ``False``, never a crash;
-- CUDA + triton: the kernel against the reference ``apply_blur_matrices`` (export/seg_unet.py)
+- CUDA + triton: the kernel against the reference ``apply_blur_matrices`` (extension/core/blur.py)
   on square, non-square, odd, 1×1, 1×n, n×1 and >64-wide grids, channel counts that are not a
   multiple of the block size, random non-symmetric matrices (a transposition slip shows) and
   mixed identity/blurred rows from ``blur_matrix_inputs`` with σ ∈ {0.5, 2, 10, ∞};
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from seg_tsam.export.seg_unet import apply_blur_matrices, blur_matrix_inputs
+from seg_tsam.export.seg_unet import blur_matrix_inputs
+from seg_tsam.extension.core.blur import apply_blur_matrices
 from seg_tsam.trt_plugins import query_blur_kernel as qbk
 from seg_tsam.trt_plugins import query_blur_plugin as qbp
 

@@ -7,7 +7,7 @@
   node that TensorRT's parser maps to it.
 
 The standard-op blur (two batched matmuls in the exported graph,
-``seg_tsam.export.seg_unet.apply_blur_matrices``) stays the default and the portable path:
+``seg_tsam.extension.core.blur.apply_blur_matrices``) stays the default and the portable path:
 nothing selects the plugin, and nothing should until ``bench/query_blur_kernel.py`` on the target
 GPU shows the kernel faster for the shapes that matter. No GPU benchmark has been run yet.
 Importing this package, or either module, needs neither triton nor tensorrt.

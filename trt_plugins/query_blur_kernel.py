@@ -1,7 +1,7 @@
 """A fused Triton kernel for the SEG query blur ``Q'[b] = A_h[b] · Q[b] · A_w[b]ᵀ`` (per channel).
 
 Why it exists: the exported graph applies the blur with two batched matmuls and reshapes
-(:func:`~seg_tsam.export.seg_unet.apply_blur_matrices`), which write the intermediate
+(:func:`~seg_tsam.extension.core.blur.apply_blur_matrices`), which write the intermediate
 ``A_h · Q`` to memory and read it back. This kernel keeps that intermediate on chip and skips
 the query rows whose ``A_h`` weight is zero, so an identity row (every cond/uncond row of a
 SEG call) reads its queries once. Whether that is faster than TensorRT's own matmuls depends
@@ -134,7 +134,7 @@ def load_triton_kernel() -> Any:
     if not triton_available():
         raise RuntimeError(
             "the Triton query-blur kernel needs the 'triton' package (≥ 3.0), which is not installed; "
-            "use the standard-op blur (seg_tsam.export.seg_unet.apply_blur_matrices) instead"
+            "use the standard-op blur (seg_tsam.extension.core.blur.apply_blur_matrices) instead"
         )
     if not torch.cuda.is_available():
         raise RuntimeError("the Triton query-blur kernel needs a CUDA device, and torch sees none")
@@ -179,7 +179,7 @@ def validate_query_blur_operands(
     if queries.device.type != "cuda":
         raise ValueError(
             f"the Triton query blur runs on CUDA tensors, got {queries.device}; on other devices use the "
-            "standard-op blur (seg_tsam.export.seg_unet.apply_blur_matrices)"
+            "standard-op blur (seg_tsam.extension.core.blur.apply_blur_matrices)"
         )
     if out is not None:
         if out.shape != queries.shape or out.dtype != queries.dtype or out.device != queries.device:
@@ -200,7 +200,7 @@ def triton_query_blur(
 ) -> torch.Tensor:
     """``Q'[b] = A_h[b] · Q[b] · A_w[b]ᵀ`` per channel with the fused Triton kernel.
 
-    Same contract as :func:`~seg_tsam.export.seg_unet.apply_blur_matrices` (``(B, h·w, C)``
+    Same contract as :func:`~seg_tsam.extension.core.blur.apply_blur_matrices` (``(B, h·w, C)``
     queries, ``(B, h, h)`` and ``(B, w, w)`` matrices, ``h``/``w`` from their shapes), limited to
     float16/float32 CUDA tensors. Non-contiguous inputs are copied to contiguous ones. ``out``
     (contiguous, same shape/dtype/device, not aliasing the inputs) receives the result; the

@@ -9,7 +9,7 @@ contains it runs only in a process that has called :func:`register_query_blur_pl
 triton), never in plain ``trtexec``.
 
 Why it is not used: the exported graph's standard-op blur (two batched matmuls,
-:func:`~seg_tsam.export.seg_unet.apply_blur_matrices`) is the default and the portable path.
+:func:`~seg_tsam.extension.core.blur.apply_blur_matrices`) is the default and the portable path.
 The plugin is only worth emitting on a GPU where ``bench/query_blur_kernel.py`` shows the kernel
 faster than those matmuls for the shapes that matter; no such benchmark has been run, so
 nothing in the export emits it.
