@@ -169,16 +169,41 @@ def export(request):
     call("POST", "/seg-tsam-probe/release-unet")
 
 
+#: How much larger than PyTorch's own float32 round-off the export's may be. ONNX Runtime and
+#: PyTorch evaluate the same float32 graph with different kernels, so each rounds in its own
+#: summation order; the largest error over all outputs varies by less than this between orders.
+#: Measured on the tiny models (single call, against float64): the export's error is 0.49× (SD1)
+#: and 0.95× (SDXL) PyTorch's; over a whole generation its difference from PyTorch is 0.90× and
+#: 0.91× PyTorch's own batching round-off.
+ROUNDOFF_FACTOR = 2.0
+
+
 def test_exported_file_matches_the_webui_unet(export):
-    """ONNX Runtime on the export vs the WebUI's UNet with SEG's hooks: odd 9×7 latent, mixed rows, σ 2 and ∞."""
+    """ONNX Runtime on the export and the WebUI's float32 UNet with SEG's hooks (odd 9×7 latent,
+    mixed rows, σ 2 and ∞), each against a float64 copy of that UNet with the same hooks: the
+    export is as accurate as the WebUI's own UNet."""
     status, result = call("POST", "/seg-tsam-probe/onnx-vs-unet", {"file": export.body["onnx_file"]})
     assert status == 200, result
-    assert result["max_relative_error"] <= 1e-4, result
+    # The float64 copy is faithful (a hook or cast missing on it would make this 1e-2 or more),
+    # so PyTorch's error is float32 round-off: a real, small scale to bound against.
+    assert 0 < result["pytorch_vs_float64"] < 1e-4, result
+    assert result["onnx_vs_float64"] <= ROUNDOFF_FACTOR * result["pytorch_vs_float64"], result
     assert result["layers"] and all(".attn1" in name or "attn1" in name for name in result["layers"]), result
 
 
-def _with_unet(label, seg=SEG_MID, **fields):
-    return denoised_steps({"override_settings": {"sd_unet": label}}, seg=seg, **fields)
+def _with_unet(label, seg=SEG_MID, options=None, **fields):
+    return denoised_steps({"override_settings": {"sd_unet": label, **(options or {})}}, seg=seg, **fields)
+
+
+def export_bound(pytorch_steps, seg=SEG_MID, **fields) -> float:
+    """The bound for a generation on the export against ``pytorch_steps`` (the same request on
+    PyTorch): :data:`ROUNDOFF_FACTOR` × PyTorch's own float32 round-off over that generation,
+    measured as the difference from the same request with "batch cond/uncond" off (each row in a
+    call of its own: the same arithmetic in other summation orders)."""
+    apart = _with_unet("None", seg=seg, options={"batch_cond_uncond": False}, **fields)
+    roundoff = relative_difference(apart, pytorch_steps)
+    assert roundoff > 0, "batching changed nothing: no round-off scale to bound against"
+    return ROUNDOFF_FACTOR * roundoff
 
 
 def test_seg_runs_on_the_export_as_sd_unet(export):
@@ -189,7 +214,7 @@ def test_seg_runs_on_the_export_as_sd_unet(export):
     state = call("GET", "/seg-tsam-probe/replacement")[1]
     assert state["label"] == label, state
     assert state["session_calls"] > 0 and state["fallback_calls"] == 0, state
-    assert relative_difference(replaced, pytorch) <= 1e-4
+    assert relative_difference(replaced, pytorch) <= export_bound(pytorch)
     plain = _with_unet(label, seg=[False])
     assert relative_difference(plain, pytorch) > 1e-3  # SEG made a difference on the export too
 
@@ -258,14 +283,15 @@ def test_lora_runs_on_the_export_with_its_weights(export):
     pytorch_plain = _with_unet("None")
     pytorch_lora = _with_unet("None", prompt=prompt)
     assert relative_difference(pytorch_lora, pytorch_plain) > 1e-2  # the LoRA is applied and matters
+    plain_bound, lora_bound = export_bound(pytorch_plain), export_bound(pytorch_lora, prompt=prompt)
     replaced_lora = _with_unet(export.label, prompt=prompt)
     state = call("GET", "/seg-tsam-probe/replacement")[1]
     assert state["session_calls"] > 0 and state["fallback_calls"] == 0 and state["weight_loads"] == 1, state
-    assert relative_difference(replaced_lora, pytorch_lora) <= 1e-4
+    assert relative_difference(replaced_lora, pytorch_lora) <= lora_bound
     replaced_plain = _with_unet(export.label)
     state = call("GET", "/seg-tsam-probe/replacement")[1]
     assert state["fallback_calls"] == 0 and state["weight_loads"] == 2, state
-    assert relative_difference(replaced_plain, pytorch_plain) <= 1e-4
+    assert relative_difference(replaced_plain, pytorch_plain) <= plain_bound
 
 
 def test_export_after_a_lora_generation_holds_the_checkpoint_weights(export):
@@ -279,7 +305,7 @@ def test_export_after_a_lora_generation_holds_the_checkpoint_weights(export):
     replaced_plain = _with_unet(export.label)
     state = call("GET", "/seg-tsam-probe/replacement")[1]
     assert state["fallback_calls"] == 0 and state["weight_loads"] == 0, state
-    assert relative_difference(replaced_plain, pytorch_plain) <= 1e-4
+    assert relative_difference(replaced_plain, pytorch_plain) <= export_bound(pytorch_plain)
 
 
 def test_an_export_is_listed_and_deleted_with_its_files(export):

@@ -10,17 +10,20 @@ Routes (added only when this folder is linked into the WebUI's ``extensions/`` b
   how many calls ran on the export and on the PyTorch fallback, and the fallback notices;
   ``POST /seg-tsam-probe/release-unet`` deactivates it (``sd_unet.apply_unet("None")``).
 - ``POST /seg-tsam-probe/onnx-vs-unet`` ``{"file": "Unet-seg-onnx/…onnx"}``: runs the exported file
-  with this extension's ONNX Runtime session and the WebUI's own UNet with SEG's hooks on the same
-  inputs (odd latent, mixed blurred rows, σ 2 and ∞); returns the largest relative difference.
+  with this extension's ONNX Runtime session, the WebUI's own UNet with SEG's hooks, and a float64
+  copy of that UNet with the same hooks, on the same inputs (odd latent, mixed blurred rows, σ 2
+  and ∞); returns each pair's largest difference relative to the output's largest value.
 - ``POST /seg-tsam-probe/write-lora``: writes a random LoRA/LoCon file (kohya key names, rank 4)
   for the loaded checkpoint's UNet into the WebUI's Lora folder, returns its name for ``<lora:…>``.
 - An "SD Unet" option ``[probe] passthrough`` that runs the checkpoint's UNet: a replacement that
   is not this extension's, to test that SEG and T-SAM refuse it clearly.
 """
 
+import copy
 import hashlib
 import math
 import os
+import types
 
 import torch
 from modules import devices, paths, script_callbacks, sd_hijack, sd_unet, shared
@@ -106,7 +109,25 @@ def _example_call(generator, batch, latent):
     return x, timesteps, context, extra
 
 
+def _float64_twin(unet):
+    """A float64 copy of the UNet, the reference that measures float32 round-off. ldm/sgm cast to
+    float32 in three places (the ``dtype`` attribute, ``GroupNorm32``, the timestep embedding);
+    on the copy they keep float64."""
+    twin = copy.deepcopy(unet).double()
+    twin.dtype = torch.float64
+    for module in twin.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.forward = types.MethodType(torch.nn.GroupNorm.forward, module)
+    to_double = lambda module, args: tuple(arg.double() for arg in args)  # noqa: E731
+    twin.time_embed.register_forward_pre_hook(to_double)
+    if hasattr(twin, "label_emb"):
+        twin.label_emb.register_forward_pre_hook(to_double)
+    return twin
+
+
 def _onnx_vs_unet(file):
+    """The export under ONNX Runtime and the WebUI's float32 UNet (with SEG's hooks), each against
+    a float64 evaluation of the same UNet and hooks: the export's error and PyTorch's own."""
     from seg_tsam.export.ort_session import OnnxRuntimeSession
     from seg_tsam.export.unet_runtime import session_inputs
     from seg_tsam.extension.adapters.unet_layers import self_attention_layers
@@ -115,16 +136,25 @@ def _onnx_vs_unet(file):
     sd_unet.apply_unet("None")
     session = OnnxRuntimeSession(f"{paths.models_path}/{file}")
     unet = _unet()
-    layers = [layer for layer in self_attention_layers(unet) if layer.name in session.layer_names]
+    twin = _float64_twin(unet)
+
+    def chosen(model):
+        return [layer for layer in self_attention_layers(model) if layer.name in session.layer_names]
+
     generator = torch.Generator("cpu").manual_seed(3)
-    worst = 0.0
+    errors = {"onnx_vs_float64": 0.0, "pytorch_vs_float64": 0.0, "onnx_vs_pytorch": 0.0}
     for rows, sigma in (([1], 2.0), ([0, 2], math.inf)):
         x, timesteps, context, extra = _example_call(generator, 3, (9, 7))
-        with torch.no_grad(), QueryBlurPatch(layers, session.layer_spec) as patch, patch.blurring(rows, 3, sigma):
-            expected = unet(x, timesteps, context, **extra)
-            actual = session.run(session_inputs(session, x, timesteps, context, extra, patch.active_blur()))
-        worst = max(worst, float((actual - expected).abs().max() / expected.abs().max()))
-    return {"max_relative_error": worst, "layers": sorted(session.layer_names)}
+        with torch.no_grad(), QueryBlurPatch(chosen(unet), session.layer_spec) as patch, patch.blurring(rows, 3, sigma):
+            pytorch = unet(x, timesteps, context, **extra)
+            onnx = session.run(session_inputs(session, x, timesteps, context, extra, patch.active_blur()))
+        with torch.no_grad(), QueryBlurPatch(chosen(twin), session.layer_spec) as patch, patch.blurring(rows, 3, sigma):
+            exact = twin(x.double(), timesteps.double(), context.double(), **{k: v.double() for k, v in extra.items()})
+        scale = float(exact.abs().max())
+        for key, (a, b) in {"onnx_vs_float64": (onnx, exact), "pytorch_vs_float64": (pytorch, exact),
+                            "onnx_vs_pytorch": (onnx, pytorch)}.items():
+            errors[key] = max(errors[key], float((a.double() - b.double()).abs().max()) / scale)
+    return {**errors, "layers": sorted(session.layer_names)}
 
 
 def _write_lora(rank=4, strength=0.3):
