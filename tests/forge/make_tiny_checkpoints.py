@@ -75,6 +75,7 @@ def prepare_imports(kind):
         sys.path.insert(0, os.path.join(ROOT, "modules_forge", "packages"))
     elif kind == "forge":
         sys.path.insert(0, os.path.join(ROOT, "repositories", "huggingface_guess"))
+        sys.path.insert(0, os.path.join(ROOT, "packages_3rdparty"))  # gguf (modules_forge/initialization.py)
 
 
 def detect(kind, state_dict):

@@ -275,6 +275,9 @@ CKPT_DIR=$HOST/checkpoints
 HF_HOME_DIR=$HOST/hf-home
 mkdir -p "$CKPT_DIR" "$HF_HOME_DIR"
 OFFLINE_ENV=(HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "HF_HOME=$HF_HOME_DIR" GRADIO_ANALYTICS_ENABLED=False)
+# The builder runs with a scratch HF_HOME (transformers/diffusers write cache-version files there),
+# so that hf-home/ is left empty for the WebUI.
+BUILD_ENV=(HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "HF_HOME=$HOST/.build-hf-home")
 NAMES=(forge-sd1 forge-sdxl)
 if [[ $VARIANT == reforge ]]; then
   # reForge has no backend/ to build with; the files built for Neo or Forge fit (same shapes pinned).
@@ -289,7 +292,7 @@ if [[ $VARIANT == reforge ]]; then
     ln -s "$src" "$CKPT_DIR/$name.safetensors"
   done
   log "checking that reForge's own detection takes them"
-  (cd "$ROOT" && env "${OFFLINE_ENV[@]}" "$VPY" "$HERE/make_tiny_checkpoints.py" --check "$CKPT_DIR"/forge-*.safetensors)
+  (cd "$ROOT" && env "${BUILD_ENV[@]}" "$VPY" "$HERE/make_tiny_checkpoints.py" --check "$CKPT_DIR"/forge-*.safetensors)
 else
   MISSING=()
   for name in "${NAMES[@]}"; do [[ -f $CKPT_DIR/$name.safetensors ]] || MISSING+=("$name"); done
@@ -297,9 +300,10 @@ else
     log "checkpoints already in $CKPT_DIR"
   else
     log "building ${MISSING[*]} in $CKPT_DIR"
-    (cd "$ROOT" && env "${OFFLINE_ENV[@]}" "$VPY" "$HERE/make_tiny_checkpoints.py" --out "$CKPT_DIR" --only "${MISSING[@]}")
+    (cd "$ROOT" && env "${BUILD_ENV[@]}" "$VPY" "$HERE/make_tiny_checkpoints.py" --out "$CKPT_DIR" --only "${MISSING[@]}")
   fi
 fi
+rm -rf "$HOST/.build-hf-home"
 log "checkpoints ready ($((SECONDS - T0)) s)"
 
 # 5. host.env --------------------------------------------------------------------------------------
