@@ -76,6 +76,10 @@ def prepare_imports(kind):
     elif kind == "forge":
         sys.path.insert(0, os.path.join(ROOT, "repositories", "huggingface_guess"))
         sys.path.insert(0, os.path.join(ROOT, "packages_3rdparty"))  # gguf (modules_forge/initialization.py)
+    else:  # reForge parses no arguments unless told; its modules_forge/initialization.py does this:
+        from ldm_patched.modules import args_parser
+
+        args_parser.args, _ = args_parser.parser.parse_known_args()
 
 
 def detect(kind, state_dict):
