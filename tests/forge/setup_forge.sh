@@ -55,11 +55,14 @@
 # from GitHub or Hugging Face, at set-up or at run time. Re-running skips what is in place (the pip
 # step is skipped while the requirements, constraints and python are unchanged).
 #
-# Measured on the 2-core, 23 GB machine (python 3.11.x, from scratch, one after another):
-#   neo      set-up 4 min 50 s (pip 2 min 45 s, checkpoints 1 min 54 s); API ready 16 s after launch
-#   forge    set-up 3 min 36 s (pip 1 min 34 s, checkpoints 1 min 54 s); API ready 18 s
-#   reforge  set-up 2 min 26 s (pip 2 min 12 s, checkpoints linked);     API ready 27 s
-#   Disk: checkpoints 2.6 GB (built twice: neo and forge), venv 1.9-2.4 GB each.
+# Measured on the 2-core, 23 GB machine (python 3.11.7, from scratch, run one after another while
+# other processes shared the CPUs; tests/forge/smoke_forge.sh for the last three columns):
+#              set-up   (venv+pip, checkpoints)     API ready   first txt2img 64x64, 4 steps, incl. load
+#   neo        185 s    (86 s, 97 s: built)         14-26 s     SD1 3-8 s, SDXL 12-18 s
+#   forge      171 s    (90 s, 79 s: built)         11-17 s     SD1 3-5 s, SDXL 9-15 s
+#   reforge    101 s    (92 s, 8 s: linked+checked) 11-17 s     SD1 6-9 s, SDXL 21-27 s
+#   A re-run with everything in place takes ~5 s (neo, forge) or ~11 s (reforge: the detection check).
+#   Disk per host: venv 2.1-2.3 GB, checkpoints 2.5 GB (neo, forge; reforge links), checkout 115-370 MB.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
