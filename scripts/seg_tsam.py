@@ -28,4 +28,5 @@ else:
     TsamScript = _tsam_script.TsamScript
     _export_tab = _loader.load("extension.webui.export_tab")
     _export_tab.register_callbacks()
-    _loader.load("extension.webui.unet_options").register_callbacks()
+    if not _loader.load("extension.webui.host").HOST.is_forge:  # the Forge family never runs SD Unet replacements
+        _loader.load("extension.webui.unet_options").register_callbacks()

@@ -40,7 +40,7 @@ from .export_service import (
     ExportRequestError,
 )
 from .common import package_installed
-from . import unet_options
+from .host import HOST
 from .lora_weights import checkpoint_weights
 
 logger = logging.getLogger("seg_tsam")
@@ -239,7 +239,7 @@ def _deleting(selected: str, delete: Callable[[str], str], table: Callable[[], d
 def _delete_export(name: str) -> str:
     deleted = export_service.delete_export(_models_dir(), name)
     message = f"Deleted the ONNX export `{deleted['onnx_file']}` ({', '.join(deleted['removed'])})."
-    if unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"])):
+    if _release_if_selected(deleted["label"]):
         message += SD_UNET_RESET
     return message
 
@@ -279,7 +279,18 @@ def _range_row(label: str, low: int, high: int, step: int, values: tuple[int, in
                 for part, value in zip(("min", "opt", "max"), values)]
 
 
+#: Why the export cannot be used on this host, or ``None`` where it can.
+UNAVAILABLE = (f"The SEG export is not available on {HOST.label}. This WebUI never runs \"SD Unet\" "
+               "replacements, so an exported UNet or TensorRT engine would not be used. SEG itself works here, "
+               "on the WebUI's own UNet. To export, use AUTOMATIC1111 1.10.1 or its `dev` branch."
+               if HOST.is_forge else None)
+
+
 def on_ui_tabs():
+    if UNAVAILABLE:
+        with gr.Blocks(analytics_enabled=False) as tab:
+            gr.Markdown(f"**{export_service.plain_markdown(UNAVAILABLE)}**", elem_id="seg_export_unavailable")
+        return [(tab, "SEG Export", "seg_export")]
     with gr.Blocks(analytics_enabled=False) as tab:
         offer = machine_tensorrt_offer()
         notice = tensorrt_notice(offer)
@@ -350,6 +361,16 @@ def on_ui_tabs():
     return [(tab, "SEG Export", "seg_export")]
 
 
+def _release_if_selected(label: str) -> bool:
+    """Deselect a deleted export's "SD Unet" option if it is the selected one (AUTOMATIC1111: the
+    Forge family lists none of ours)."""
+    if HOST.is_forge:
+        return False
+    from . import unet_options  # AUTOMATIC1111's sd_unet classes
+
+    return unet_options.release_if_selected(unet_options.onnx_option_label(label))
+
+
 # --- API routes ---------------------------------------------------------------------------------------
 
 
@@ -376,6 +397,8 @@ def default_precision() -> str:
 
 
 def _api_export(body: Any = Body(...)) -> dict[str, Any]:
+    if UNAVAILABLE:
+        raise HTTPException(status_code=409, detail=UNAVAILABLE)
     with _http_errors():
         request = ExportRequest.from_json(body, default_precision=default_precision())
     with _http_errors("export failed: "):
@@ -402,14 +425,15 @@ def _api_delete_export(onnx_file: str) -> dict[str, Any]:
     with _http_errors():
         deleted = export_service.delete_export(_models_dir(), onnx_file)
     sd_unet.list_unets()
-    reset = unet_options.release_if_selected(unet_options.onnx_option_label(deleted["label"]))
+    reset = _release_if_selected(deleted["label"])
     return {"deleted": deleted, "sd_unet_reset": reset}
 
 
 def _api_status() -> dict[str, Any]:
     """What the export can do here, without importing the heavy packages."""
     offer = machine_tensorrt_offer()
-    return {"onnx_installed": package_installed("onnx"),
+    return {"available": UNAVAILABLE is None, "unavailable_reason": UNAVAILABLE,
+            "onnx_installed": package_installed("onnx"),
             "onnxruntime_installed": package_installed("onnxruntime"),
             "tensorrt_installed": package_installed("tensorrt"),
             "tensorrt_offer": {"requirement": offer.requirement, "reason": offer.reason},

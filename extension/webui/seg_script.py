@@ -13,14 +13,16 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
+from ..adapters.forge.seg_sampling import ForgeSegGeneration
 from ..adapters.unet_layers import self_attention_layers
 from ..core.layers import select_layers
 from ..core import fields
 from ..core.settings import SegSettings, SettingsError
-from . import controls, unet_options
+from . import controls, forge_host
 from .common import (RequestError, add_settings, axis_confirmer, option, refuse_foreign_replacement,
                      register_xyz_axes, settings_or_fail)
 from ..adapters.a1111.seg_sampling import SegGeneration
+from .host import HOST, unet_module
 
 TITLE = "Smoothed Energy Guidance"
 
@@ -32,7 +34,7 @@ class SegError(RequestError):
 class _Active:
     """The generation whose hooks are installed right now (the WebUI runs one at a time)."""
 
-    generation: SegGeneration | None = None
+    generation: SegGeneration | ForgeSegGeneration | None = None
 
 
 class SegScript(scripts.Script):
@@ -65,8 +67,13 @@ class SegScript(scripts.Script):
         _wrap_sampling(p, settings)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
+        generation = _Active.generation
+        if isinstance(generation, ForgeSegGeneration) and generation.owner is p:  # every pass: the host resets the patcher
+            p.sd_model.forge_objects.unet = generation.patch(p.sd_model.forge_objects.unet)
         # The SD Unet replacement is applied just before sampling (after process()): count from here.
-        if not hasattr(p, "seg_unet_calls"):
+        if not HOST.is_forge and not hasattr(p, "seg_unet_calls"):
+            from . import unet_options  # AUTOMATIC1111's sd_unet classes
+
             p.seg_unet_calls = unet_options.GenerationCalls()
 
     def postprocess_batch(self, p, *args, **kwargs):
@@ -86,18 +93,21 @@ def _check_model(settings: SegSettings) -> None:
     model = shared.sd_model
     if getattr(model, "cond_stage_key", None) == "edit":
         raise SettingsError("InstructPix2Pix (edit) models are not supported")
-    select_layers(self_attention_layers(model.model.diffusion_model), settings.layers)
+    select_layers(self_attention_layers(unet_module(model)), settings.layers)
 
 
 def _wrap_sampling(p, settings: SegSettings) -> None:
     """Run ``p.sample`` (both hires passes included) inside one :class:`SegGeneration`."""
     original = p.sample
-    batch_rows = bool(option("seg_batch_rows", True)) and bool(shared.opts.batch_cond_uncond)
+    batch_rows = bool(option("seg_batch_rows", True)) and bool(option("batch_cond_uncond", True))
 
     def sample(*args, **kwargs):
-        refuse_foreign_replacement(TITLE, SegError)
-        generation = SegGeneration(settings, batch_rows=batch_rows, owner=p,
-                                   max_extra_rows=None if shared.opts.batch_cond_uncond else p.batch_size)
+        if HOST.is_forge:
+            generation = ForgeSegGeneration(settings, batch_rows=batch_rows, calc_batch=forge_host.calc_batch(), owner=p)
+        else:
+            refuse_foreign_replacement(TITLE, SegError)
+            generation = SegGeneration(settings, batch_rows=batch_rows, owner=p,
+                                       max_extra_rows=None if shared.opts.batch_cond_uncond else p.batch_size)
         with generation:
             _Active.generation = generation
             try:

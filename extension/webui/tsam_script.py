@@ -22,6 +22,7 @@ from ..core import fields
 from ..core.settings import SettingsError
 from ..core.tsam import TsamSettings
 from . import controls
+from .host import HOST
 from .common import RequestError, axis_confirmer, refuse_foreign_replacement, register_xyz_axes, settings_or_fail
 from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
 
@@ -101,10 +102,12 @@ def _check_supported(p) -> None:
     """Refuse, with a message, what T-SAM cannot do (before anything touches the model)."""
     from modules import sd_samplers  # noqa: PLC0415
 
+    if HOST.is_forge:
+        raise SettingsError(f"T-SAM does not run on {HOST.label} yet (AUTOMATIC1111 only); turn it off to generate")
     model = shared.sd_model
     if getattr(model, "cond_stage_key", None) == "edit":
         raise SettingsError("InstructPix2Pix (edit) models are not supported")
-    if shared.opts.use_old_emphasis_implementation:
+    if getattr(shared.opts, "use_old_emphasis_implementation", False):
         raise SettingsError("the old emphasis implementation chunks prompts differently; turn it off")
     config = sd_samplers.find_sampler_config(p.sampler_name)
     sampler = config.name if config is not None else p.sampler_name

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from modules import paths, script_callbacks, sd_hijack, sd_models, sd_unet, shared
+from modules import paths, script_callbacks, sd_models, sd_unet, shared
 
 from ...export.onnx_exports import OnnxExportInfo, list_onnx_exports
 from ...export.ort_session import OnnxExportSessions, onnxruntime_providers
@@ -65,6 +65,8 @@ def pytorch_forward(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Ten
         parameter = next(unet.parameters())
         if parameter.device != x.device:
             unet.to(x.device)
+    from modules import sd_hijack  # AUTOMATIC1111 only (Forge Neo has none; these options register only there)
+
     original = sd_hijack.sgm_original_forward if shared.sd_model.is_sdxl else sd_hijack.ldm_original_forward
     return original(unet, x, timesteps, context, *args, **kwargs)
 
