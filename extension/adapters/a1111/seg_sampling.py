@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..denoiser_steps import denoiser_progress
 from ..unet_layers import self_attention_layers
 from ...core.guidance import seg_cond_term, seg_uncond_term
 from ...core.layers import select_layers
@@ -84,20 +85,6 @@ def append_rows(value: Any, index: torch.Tensor, rows: int) -> Any:
         return torch.cat([tensor, tensor.index_select(0, index.to(tensor.device))])
 
     return map_tensors(value, extend)
-
-
-def denoiser_progress(denoiser, params) -> tuple[int, int]:
-    """``(call index, expected calls)`` of this denoising pass, from the denoiser's own counter.
-
-    ``params.sampling_step`` lags: the sampler's callback advances it after each step's model
-    call, so steps 0 and 1 both read 0. The denoiser counts its calls itself (second-order
-    samplers call it twice a step) and knows how many to expect, as the WebUI's own
-    skip-early-CFG does with ``step / total_steps``.
-    """
-    total = getattr(denoiser, "total_steps", None)
-    if total:
-        return denoiser.step, total
-    return params.sampling_step, params.total_sampling_steps
 
 
 def row_count(cond: Any) -> int:

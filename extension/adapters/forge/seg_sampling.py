@@ -37,6 +37,7 @@ import torch
 from ...core.layers import select_layers
 from ...core.query_blur_patch import QueryBlurPatch
 from ...core.settings import SegSettings
+from ..denoiser_steps import denoiser_progress
 from ..unet_layers import self_attention_layers
 
 logger = logging.getLogger("seg_tsam")
@@ -124,7 +125,7 @@ class ForgeSegGeneration:
 
     # -- host callback: before every denoiser step -------------------------------------------------
     def on_cfg_denoiser(self, params: Any) -> None:
-        active = self.settings.active_at(params.sampling_step, params.total_sampling_steps)
+        active = self.settings.active_at(*denoiser_progress(params.denoiser, params))
         self._step = _Step() if active else None
 
     # -- the UNet call (model function wrapper) ----------------------------------------------------
