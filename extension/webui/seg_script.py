@@ -114,8 +114,19 @@ def _wrap_sampling(p, settings: SegSettings) -> None:
                 return original(*args, **kwargs)
             finally:
                 _Active.generation = None
+                if HOST.is_forge:
+                    _unpatch(p.sd_model.forge_objects, generation)
 
     p.sample = sample
+
+
+def _unpatch(forge_objects, generation: ForgeSegGeneration) -> None:
+    """Put back the host's UNet patcher if it is still SEG's clone (the host would replace it at the
+    next generation; until then nothing of SEG stays reachable from the model)."""
+    for clone, source in reversed(generation.patched):
+        if forge_objects.unet is clone:
+            forge_objects.unet = source
+    generation.patched.clear()
 
 
 def _on_cfg_denoiser(params) -> None:

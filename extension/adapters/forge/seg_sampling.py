@@ -90,6 +90,8 @@ class ForgeSegGeneration:
         self._patch: QueryBlurPatch | None = None
         self._blur_all = False
         self.steps_guided = 0
+        #: ``(clone, the patcher it was cloned from)`` per pass, so the host's object can be put back
+        self.patched: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> ForgeSegGeneration:
         return self
@@ -103,6 +105,7 @@ class ForgeSegGeneration:
     def patch(self, unet_patcher: Any) -> Any:
         """A clone of the host's ``UnetPatcher`` with SEG's wrapper and post-CFG function."""
         unet = unet_patcher.clone()
+        self.patched.append((unet, unet_patcher))
         self._patch = self._patch_for(unet.model.diffusion_model)
         previous = unet.model_options.get("model_function_wrapper")
 
