@@ -24,7 +24,9 @@ from ..core.tsam import TsamSettings
 from . import controls
 from .host import HOST
 from .common import RequestError, axis_confirmer, refuse_foreign_replacement, register_xyz_axes, settings_or_fail
-from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
+from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, TsamGeneration
+from ..adapters.tsam_steps import ImageMaps
+from ..adapters.unet_layers import coarse_level, cross_attention_layers
 
 TITLE = "T-SAM alignment"
 
@@ -115,7 +117,7 @@ def _check_supported(p) -> None:
         raise SettingsError(f"sampler {sampler}: {UNSUPPORTED_SAMPLERS[sampler]}")
     try:
         ldm_tsam.text_embedders(model.cond_stage_model)
-        ldm_tsam.coarse_level(ldm_tsam.cross_attention_layers(model.model.diffusion_model))
+        coarse_level(cross_attention_layers(model.model.diffusion_model))
     except (ValueError, AttributeError) as error:
         raise SettingsError(str(error).removeprefix("T-SAM: ")) from None
 
