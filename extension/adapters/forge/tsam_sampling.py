@@ -42,11 +42,16 @@ from . import tsam_unet
 
 logger = logging.getLogger("seg_tsam")
 
-#: Samplers whose latent T-SAM cannot update on these hosts, and why.
+#: Samplers whose latent T-SAM cannot update on these hosts, and why. Checked on each host's
+#: sampler list by updating the denoiser's ``x`` in place at step 0 and comparing with the same
+#: change made to the starting noise (equal for every other sampler), and by counting the steps
+#: the sampler reports (one per requested step for every other sampler).
 UNSUPPORTED_SAMPLERS = {
     "UniPC": "UniPC's corrector recomputes the latent from its own copies, so an update of the sampler's "
              "latent would be lost; use Euler, DPM++ 2M, DDIM, …",
     "DPM adaptive": "DPM adaptive chooses its own number of steps, so T-SAM's schedule cannot be placed",
+    "DPM fast": "DPM fast reports one step per group of up to 3 model calls, fewer steps than requested, so "
+                "T-SAM's schedule cannot be placed; use Euler, DPM++ 2M, DDIM, …",
 }
 
 
