@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seg_tsam.extension.adapters import text_targets, tsam_steps, unet_layers
 from seg_tsam.extension.adapters.a1111 import ldm_tsam
+from seg_tsam.extension.adapters.text_targets import TextTarget
 from seg_tsam.extension.adapters.diffusers import tiny_models
 from seg_tsam.extension.core import tsam, tsam_descent
 from seg_tsam.extension.core.tsam import TsamSettings
@@ -212,7 +214,7 @@ def test_gradient_step_is_taken_on_c_in_x_and_mapped_back(monkeypatch, wrapper_c
     generation = TsamGeneration(TsamSettings(enabled=True), reconstruct_cond=lambda cond, step: (
         [[(0, 1.0)], [(1, 1.0)]], torch.zeros(2, 77, 8)))
     generation._image_texts = [["a"], ["b"]]
-    generation._target = lambda sd_model, text: ldm_tsam.TextTarget((), ())
+    generation._target = lambda sd_model, text: TextTarget((), ())
     denoiser = SimpleNamespace(inner_model=wrapper_class(fake_sd_model()), step=0)
     cond = SimpleNamespace(batch=[[SimpleNamespace(schedules=[SimpleNamespace(end_at_step=4)])]] * 2)
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
@@ -253,7 +255,7 @@ def test_unet_condition_layouts():
     assert tsam_sampling.unet_condition(text, image, "crossattn-adm") == {"c_crossattn": [text], "c_adm": image}
     sdxl = {"crossattn": text, "vector": torch.zeros(1, 4)}
     assert tsam_sampling.unet_condition(sdxl, image, "crossattn") == {**sdxl, "c_concat": [image]}
-    rows = tsam_sampling.select_rows({"crossattn": torch.arange(3.0).view(3, 1), "vector": torch.arange(3.0)}, [2, 0])
+    rows = tsam_steps.select_rows({"crossattn": torch.arange(3.0).view(3, 1), "vector": torch.arange(3.0)}, [2, 0])
     assert rows["crossattn"].flatten().tolist() == [2.0, 0.0] and rows["vector"].tolist() == [2.0, 0.0]
 
 
@@ -359,10 +361,10 @@ def test_levels_and_the_coarse_fallback():
         ("output_blocks.0.0.transformer_blocks.0.attn2", 1),
         ("output_blocks.1.0.transformer_blocks.0.attn2", 0),
     ]
-    assert ldm_tsam.coarse_level(layers) == 1  # no level 2 here: the coarsest with cross-attention
-    assert ldm_tsam.coarse_level(layers, preferred=0) == 0
+    assert unet_layers.coarse_level(layers) == 1  # no level 2 here: the coarsest with cross-attention
+    assert unet_layers.coarse_level(layers, preferred=0) == 0
     with pytest.raises(ValueError, match="no cross-attention"):
-        ldm_tsam.coarse_level([])
+        unet_layers.coarse_level([])
 
 
 def test_capture_keeps_the_output_records_the_softmax_and_restores():
@@ -552,7 +554,7 @@ def test_two_encoders_are_averaged_and_must_chunk_alike():
 def test_labels_name_textual_inversion_vectors():
     embedder = FakeEmbedder([[5, 0, 0, 6]])
     chunk = Chunk([512, 5, 0, 0, 6, *[513] * 72], fixes=[(1, SimpleNamespace(name="style", vectors=2))])
-    assert ldm_tsam.chunk_labels(embedder, chunk) == ["t5", "<style>", "<style>", "t6"]
+    assert text_targets.chunk_labels(ldm_tsam.LdmPromptEncoder(embedder), chunk) == ["t5", "<style>", "<style>", "t6"]
 
 
 def test_progress_counts_every_latent_update_and_clears_at_the_end():

@@ -15,7 +15,7 @@ one level up. Add the layout to :data:`LAYOUTS` and SEG, T-SAM and the export al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -133,3 +133,15 @@ def self_attention_layers(unet: nn.Module) -> list[AttentionLayer]:
 def cross_attention_layers(unet: nn.Module) -> list[AttentionLayer]:
     """T-SAM's candidates: every ``attn2``, in forward order, each with its level."""
     return [layer for layer in attention_layers(unet) if layer.kind == "cross"]
+
+
+#: T-SAM's maps: the official code's 16×16 of SD1.5 at 512², the latent halved twice.
+TSAM_LEVEL = 2
+
+
+def coarse_level(layers: Sequence[AttentionLayer], preferred: int = TSAM_LEVEL) -> int:
+    """``preferred`` if some ``attn2`` runs there, else the coarsest level with cross-attention."""
+    levels = {layer.level for layer in layers}
+    if not levels:
+        raise ValueError("T-SAM: this UNet has no cross-attention (attn2) layers")
+    return preferred if preferred in levels else max(levels)

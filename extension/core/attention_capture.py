@@ -15,6 +15,27 @@ import torch
 from torch import nn
 
 
+def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q·kᵀ/√d)·v`` per head, from projected ``(B, N, H·d)`` queries and ``(B, M, H·d)``
+    keys and values: ``(output (B, N, H·d), probabilities (B, H, N, M))``.
+
+    The scores and the softmax are in float32 (float64 for float64 inputs) with autocast off,
+    whatever the model's dtype; the output is in the values' dtype.
+    """
+    batch, queries, inner = query.shape
+    head_dim = inner // heads
+    query = query.view(batch, queries, heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+    key = key.view(batch, key.shape[1], heads, head_dim).transpose(1, 2)  # (B, H, M, d)
+    value = value.view(batch, value.shape[1], heads, head_dim).transpose(1, 2)  # (B, H, M, d)
+    exact = torch.promote_types(query.dtype, torch.float32)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        scores = (query.to(exact) @ key.to(exact).transpose(-1, -2)) * head_dim**-0.5  # (B, H, N, M)
+        probabilities = scores.softmax(dim=-1)
+    out = probabilities.to(value.dtype) @ value  # (B, H, N, d)
+    return out.transpose(1, 2).reshape(batch, queries, inner), probabilities  # (B, N, H·d)
+
+
 class _ForwardStopped(Exception):
     """Raised after the last recorded layer to end the UNet forward early (caught by the recorder)."""
 

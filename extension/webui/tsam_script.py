@@ -3,12 +3,15 @@
 Imported only inside the WebUI (it imports ``modules.*``). Like the SEG script it translates
 widgets and API arguments into :class:`TsamSettings` (``tsam_args.py``), refuses what it
 cannot do with a 422 before anything touches the model, and wraps ``p.sample`` so that every
-hook lives exactly as long as the sampling call (:class:`TsamGeneration`). The sampler only
-exists inside ``p.sample``; ``process_before_every_sampling`` attaches the generation to it
-(first pass only: the hires-fix second pass refines an image whose layout is already set).
+hook lives exactly as long as the sampling call (:class:`TsamGeneration` on AUTOMATIC1111,
+:class:`ForgeTsamGeneration` on the Forge family). The sampler only exists inside ``p.sample``;
+``process_before_every_sampling`` attaches the generation to it (first pass only: the hires-fix
+second pass refines an image whose layout is already set).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import gradio as gr
 import torch
@@ -21,10 +24,15 @@ from ..core import tsam
 from ..core import fields
 from ..core.settings import SettingsError
 from ..core.tsam import TsamSettings
-from . import controls
-from .host import HOST
+from . import controls, forge_host
+from .host import HOST, unet_module
 from .common import RequestError, axis_confirmer, refuse_foreign_replacement, register_xyz_axes, settings_or_fail
-from ..adapters.a1111.tsam_sampling import UNSUPPORTED_SAMPLERS, ImageMaps, TsamGeneration
+from ..adapters.a1111 import tsam_sampling as a1111_tsam
+from ..adapters.a1111.tsam_sampling import TsamGeneration
+from ..adapters.forge import tsam_sampling as forge_tsam
+from ..adapters.forge.tsam_sampling import ForgeTsamGeneration
+from ..adapters.tsam_steps import ImageMaps
+from ..adapters.unet_layers import coarse_level, cross_attention_layers
 
 TITLE = "T-SAM alignment"
 
@@ -36,7 +44,7 @@ class TsamError(RequestError):
 class _Active:
     """The generation whose hooks are installed right now (the WebUI runs one at a time)."""
 
-    generation: TsamGeneration | None = None
+    generation: TsamGeneration | ForgeTsamGeneration | None = None
 
 
 class TsamScript(scripts.Script):
@@ -102,8 +110,6 @@ def _check_supported(p) -> None:
     """Refuse, with a message, what T-SAM cannot do (before anything touches the model)."""
     from modules import sd_samplers  # noqa: PLC0415
 
-    if HOST.is_forge:
-        raise SettingsError(f"T-SAM does not run on {HOST.label} yet (AUTOMATIC1111 only); turn it off to generate")
     model = shared.sd_model
     if getattr(model, "cond_stage_key", None) == "edit":
         raise SettingsError("InstructPix2Pix (edit) models are not supported")
@@ -111,11 +117,15 @@ def _check_supported(p) -> None:
         raise SettingsError("the old emphasis implementation chunks prompts differently; turn it off")
     config = sd_samplers.find_sampler_config(p.sampler_name)
     sampler = config.name if config is not None else p.sampler_name
-    if sampler in UNSUPPORTED_SAMPLERS:
-        raise SettingsError(f"sampler {sampler}: {UNSUPPORTED_SAMPLERS[sampler]}")
+    unsupported = forge_tsam.UNSUPPORTED_SAMPLERS if HOST.is_forge else a1111_tsam.UNSUPPORTED_SAMPLERS
+    if sampler in unsupported:
+        raise SettingsError(f"sampler {sampler}: {unsupported[sampler]}")
     try:
-        ldm_tsam.text_embedders(model.cond_stage_model)
-        ldm_tsam.coarse_level(ldm_tsam.cross_attention_layers(model.model.diffusion_model))
+        if HOST.is_forge:
+            forge_host.check_text_encoders(model)
+        else:
+            ldm_tsam.text_embedders(model.cond_stage_model)
+        coarse_level(cross_attention_layers(unet_module(model)))
     except (ValueError, AttributeError) as error:
         raise SettingsError(str(error).removeprefix("T-SAM: ")) from None
 
@@ -143,22 +153,33 @@ def _image_prompt_texts(p) -> list[list[str]]:
 
     indexes, flat, _ = prompt_parser.get_multicond_prompt_list(p.prompts)
     steps = getattr(p, "firstpass_steps", None) or p.steps
-    schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
-        list(flat), steps, None, shared.opts.use_old_scheduling)
+    schedule = prompt_parser.get_learned_conditioning_prompt_schedules
+    old_scheduling = {}  # Forge Neo has no old prompt-editing timelines
+    if "use_old_scheduling" in inspect.signature(schedule).parameters:
+        old_scheduling["use_old_scheduling"] = getattr(shared.opts, "use_old_scheduling", False)
+    schedules = schedule(list(flat), steps, None, **old_scheduling)
     return [[text for _, text in schedules[parts[0][0]]] for parts in indexes]
 
 
 def _wrap_sampling(p, settings: TsamSettings) -> None:
-    """Run ``p.sample`` (both hires passes included) inside one :class:`TsamGeneration`."""
+    """Run ``p.sample`` (both hires passes included) inside one T-SAM generation."""
     original = p.sample
 
     def sample(*args, **kwargs):
-        refuse_foreign_replacement(TITLE, TsamError)
         from modules import prompt_parser  # noqa: PLC0415
 
-        generation = TsamGeneration(settings, reconstruct_cond=prompt_parser.reconstruct_multicond_batch, owner=p,
-                                    should_stop=_interrupted, context_transform=_hypernetwork_context,
-                                    report=_show_progress)
+        if HOST.is_forge:
+            generation = ForgeTsamGeneration(
+                settings, reconstruct_cond=prompt_parser.reconstruct_multicond_batch,
+                unet_patcher=lambda: p.sd_model.forge_objects.unet,
+                text_encoders=lambda: forge_host.tsam_text_encoders(p.sd_model),
+                copy_saved_activations=forge_host.TRANSFORMER_BLOCKS_ADD_IN_PLACE, owner=p,
+                should_stop=_interrupted, report=_show_progress)
+        else:
+            refuse_foreign_replacement(TITLE, TsamError)
+            generation = TsamGeneration(settings, reconstruct_cond=prompt_parser.reconstruct_multicond_batch, owner=p,
+                                        should_stop=_interrupted, context_transform=_hypernetwork_context,
+                                        report=_show_progress)
         with generation:
             _Active.generation = generation
             try:

@@ -36,7 +36,7 @@ columns ``77c + 1 …`` exactly as in the conditioning the UNet sees.
 
 T is the mean over every encoder layer that runs in the encoder call (all layers; SD2's
 "penultimate" call stops before the last block, which then does not count) and all heads.
-SDXL: T of each encoder, then their average (:func:`tsam.combine_encoder_targets`).
+SDXL: T of each encoder, then their average (:func:`..text_targets.text_target`).
 """
 
 from __future__ import annotations
@@ -45,37 +45,21 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core import tsam
-from ...core.tsam import ChunkTarget, PromptTarget
-from ...core.attention_capture import AttentionCapture, frozen_parameters
+from ...core.attention_capture import AttentionCapture, explicit_attention, frozen_parameters
 from ...core.layers import AttentionLayer
+from .. import text_targets
 from ..text_attention import no_new_capture_hooks
-from ..unet_layers import cross_attention_layers
+from ..text_targets import TextTarget, chunk_token_ids
+from ..unet_layers import TSAM_LEVEL, coarse_level, cross_attention_layers
 
 logger = logging.getLogger("seg_tsam")
 
-#: Latent/4: the official code's 16×16 maps of SD1.5 at 512².
-DEFAULT_LEVEL = 2
 _MISSING = object()
-
-
-# --------------------------------------------------------------------------------------------
-# UNet: which attn2 layers, at which level
-# --------------------------------------------------------------------------------------------
-
-
-def coarse_level(layers: Sequence[AttentionLayer], preferred: int = DEFAULT_LEVEL) -> int:
-    """``preferred`` if some ``attn2`` runs there, else the coarsest level with cross-attention."""
-    levels = {layer.level for layer in layers}
-    if not levels:
-        raise ValueError("T-SAM: this UNet has no cross-attention (attn2) layers")
-    return preferred if preferred in levels else max(levels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,21 +82,10 @@ def cross_attention_with_probabilities(
     ``softmax(q·kᵀ/√d)·v`` per head, ``to_out``. The scores and the softmax are in float32
     (float64 for a float64 model) with autocast off, whatever the model's dtype.
     """
-    heads = attention.heads
     context = x if context is None else context
     context_k, context_v = context_transform(context) if context_transform is not None else (context, context)
-    query, key, value = attention.to_q(x), attention.to_k(context_k), attention.to_v(context_v)
-    batch, queries, inner = query.shape
-    head_dim = inner // heads
-    query = query.view(batch, queries, heads, head_dim).transpose(1, 2)  # (B, H, N, d)
-    key = key.view(batch, key.shape[1], heads, head_dim).transpose(1, 2)  # (B, H, M, d)
-    value = value.view(batch, value.shape[1], heads, head_dim).transpose(1, 2)  # (B, H, M, d)
-    exact = torch.promote_types(query.dtype, torch.float32)
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        scores = (query.to(exact) @ key.to(exact).transpose(-1, -2)) * head_dim**-0.5  # (B, H, N, M)
-        probabilities = scores.softmax(dim=-1)
-    out = probabilities.to(value.dtype) @ value  # (B, H, N, d)
-    out = out.transpose(1, 2).reshape(batch, queries, inner)  # (B, N, H·d)
+    out, probabilities = explicit_attention(attention.to_q(x), attention.to_k(context_k), attention.to_v(context_v),
+                                            attention.heads)
     return attention.to_out(out), probabilities
 
 
@@ -135,7 +108,7 @@ class LdmCrossAttentionCapture(AttentionCapture):
         context_transform: ContextTransform | None = None,
     ):
         layers = cross_attention_layers(unet)
-        level = coarse_level(layers, DEFAULT_LEVEL if level is None else level)
+        level = coarse_level(layers, TSAM_LEVEL if level is None else level)
         self.layers = tuple(layer for layer in layers if layer.level == level)
         self.context_transform = context_transform
         super().__init__(
@@ -223,25 +196,8 @@ def encoder_kind(embedder: nn.Module) -> str:
     raise ValueError(f"T-SAM: text encoder {type(wrapped).__name__} is not supported (CLIP or OpenCLIP only)")
 
 
-def chunk_eos_position(tokens: Sequence[int], end_id: int) -> int:
-    """Position of a 77-token chunk's EOS: the first end-of-text id after BOS."""
-    try:
-        return list(tokens).index(end_id, 1)
-    except ValueError:
-        raise ValueError("T-SAM: a prompt chunk without an end-of-text token") from None
-
-
 def _parameter_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def _chunk_token_ids(embedder: nn.Module, chunks: Sequence, device: torch.device) -> torch.Tensor:
-    """``(chunks, 77)`` ids as the WebUI encodes them (OpenCLIP: pad id after EOS)."""
-    ids = torch.tensor([list(chunk.tokens) for chunk in chunks], dtype=torch.long, device=device)
-    if embedder.id_end != embedder.id_pad:
-        for row, chunk in enumerate(chunks):
-            ids[row, chunk_eos_position(chunk.tokens, embedder.id_end) + 1 :] = embedder.id_pad
-    return ids
 
 
 def multihead_attention_probabilities(
@@ -309,7 +265,7 @@ def _open_clip_attentions(embedder: nn.Module, ids: torch.Tensor) -> list[torch.
 def chunk_attentions(embedder: nn.Module, chunks: Sequence) -> list[torch.Tensor]:
     """Per encoder layer that ran, ``(chunks, heads, 77, 77)`` attention probabilities of the
     WebUI's ``PromptChunk``s (textual-inversion vectors placed as the WebUI places them)."""
-    ids = _chunk_token_ids(embedder, chunks, _parameter_device(embedder.wrapped))
+    ids = chunk_token_ids(chunks, embedder.id_end, embedder.id_pad, _parameter_device(embedder.wrapped))
     reader = _hf_clip_attentions if encoder_kind(embedder) == "hf_clip" else _open_clip_attentions
     embedder.hijack.fixes = [chunk.fixes for chunk in chunks]  # read (and cleared) by the embedding layer
     try:
@@ -330,48 +286,23 @@ def _token_text(embedder: nn.Module, token_id: int) -> str:
     return str(text).replace("</w>", "")
 
 
-def chunk_labels(embedder: nn.Module, chunk) -> list[str]:
-    """Display labels of a chunk's prompt tokens (positions ``1 … eos−1``); embedding vectors
-    are labelled with the embedding's name."""
-    eos = chunk_eos_position(chunk.tokens, embedder.id_end)
-    labels = [_token_text(embedder, token) for token in chunk.tokens[1:eos]]
-    for offset, embedding in chunk.fixes:
-        for position in range(offset, min(offset + int(getattr(embedding, "vectors", 1)), len(labels))):
-            labels[position] = f"<{getattr(embedding, 'name', 'emb')}>"
-    return labels
+class LdmPromptEncoder:
+    """One of the WebUI's prompt-encoder wrappers as a :class:`~..text_targets.PromptEncoder`."""
 
+    def __init__(self, embedder: nn.Module):
+        self.embedder = embedder
+        self.end_id = embedder.id_end
 
-@dataclass(frozen=True)
-class TextTarget:
-    """T of one prompt text and the labels of its prompt tokens (chunks concatenated)."""
+    def chunks(self, text: str) -> list:
+        return self.embedder.tokenize_line(text)[0]
 
-    target: PromptTarget
-    labels: tuple[str, ...]
-    chunk_sizes: tuple[int, ...] = field(default=())
+    def attentions(self, chunks: Sequence) -> list[torch.Tensor]:
+        return chunk_attentions(self.embedder, chunks)
 
-    def to(self, device: torch.device) -> TextTarget:
-        moved = tuple(ChunkTarget(chunk.offset, chunk.matrix.to(device)) for chunk in self.target)
-        return TextTarget(moved, self.labels, self.chunk_sizes)
+    def token_text(self, token_id: int) -> str:
+        return _token_text(self.embedder, token_id)
 
 
 def text_target(embedders: Sequence[nn.Module], text: str, *, power: float) -> TextTarget:
-    """T of ``text`` from the WebUI's encoder wrappers, chunked exactly as the WebUI encodes it.
-
-    Each encoder gives one ``(L, L)`` T per chunk (:func:`tsam.text_attention_targets`); with
-    several encoders (SDXL) each chunk's T is their average. Encoders that chunk the text
-    differently raise (SDXL's two tokenisers agree on every prompt in practice).
-    """
-    per_encoder, labels, sizes = [], None, None
-    for embedder in embedders:
-        chunks, _ = embedder.tokenize_line(text)
-        eos_positions = [chunk_eos_position(chunk.tokens, embedder.id_end) for chunk in chunks]
-        attentions = chunk_attentions(embedder, chunks)
-        per_encoder.append(tsam.text_attention_targets(attentions, eos_positions, power=power))
-        if labels is None:
-            labels = [label for chunk in chunks for label in chunk_labels(embedder, chunk)]
-            sizes = tuple(position - 1 for position in eos_positions)
-    layouts = {tuple(matrix.shape[0] for matrix in targets) for targets in per_encoder}
-    if len(layouts) != 1:
-        raise ValueError(f"T-SAM: the text encoders chunk {text!r} differently ({sorted(layouts)} tokens per chunk)")
-    combined = [tsam.combine_encoder_targets(list(chunk_set)) for chunk_set in zip(*per_encoder)]
-    return TextTarget(tsam.chunk_targets(combined), tuple(labels), sizes)
+    """T of ``text`` from the WebUI's encoder wrappers (:func:`..text_targets.text_target`)."""
+    return text_targets.text_target([LdmPromptEncoder(embedder) for embedder in embedders], text, power=power)
