@@ -281,7 +281,7 @@ def _range_row(label: str, low: int, high: int, step: int, values: tuple[int, in
 
 #: Why the export cannot be used on this host, or ``None`` where it can.
 UNAVAILABLE = (f"The SEG export is not available on {HOST.label}. This WebUI never runs \"SD Unet\" "
-               "replacements, so an exported UNet or TensorRT engine would not be used. SEG itself works here, "
+               "replacements, so an exported UNet or TensorRT engine would not be used. SEG and T-SAM work here, "
                "on the WebUI's own UNet. To export, use AUTOMATIC1111 1.10.1 or its `dev` branch."
                if HOST.is_forge else None)
 

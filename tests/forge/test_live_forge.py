@@ -33,7 +33,6 @@ pytestmark = pytest.mark.skipif(
 
 #: The host's name in this extension's messages.
 HOST_LABELS = {"neo": "Forge Neo", "forge": "Forge", "reforge": "reForge"}
-TSAM_TITLE = "T-SAM alignment"
 CHECKPOINTS = ["forge-sd1", "forge-sdxl"]
 SEG_OFF = [False, 3.0, "2", "all"]
 
@@ -432,16 +431,6 @@ def test_malformed_arguments_get_a_clear_error(model, case):
     status, body = call("POST", "/sdapi/v1/txt2img", payload)
     assert status == 422, body
     assert error_message(body).startswith("Smoothed Energy Guidance:"), body
-
-
-def test_tsam_is_refused_naming_the_host(model):
-    payload = {**BASE, "alwayson_scripts": {TSAM_TITLE: {"args": [True]}}}
-    status, body = call("POST", "/sdapi/v1/txt2img", payload)
-    assert status == 422, body
-    message = error_message(body)
-    assert message.startswith(TSAM_TITLE + ":") and "T-SAM" in message, body
-    assert f"on {HOST_LABELS[VARIANT]} " in message, body
-    assert probe_state()["unet_hooks"] == 0  # and the server still serves
 
 
 def test_export_is_unavailable_naming_the_host():
