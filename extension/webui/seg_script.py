@@ -14,7 +14,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from ..adapters.forge.seg_sampling import ForgeSegGeneration
-from ..adapters.unet_layers import self_attention_layers
+from ..adapters.unet_layers import self_attention_layers, unet_layout
 from ..core.layers import select_layers
 from ..core import fields
 from ..core.settings import SegSettings, SettingsError
@@ -93,7 +93,11 @@ def _check_model(settings: SegSettings) -> None:
     model = shared.sd_model
     if getattr(model, "cond_stage_key", None) == "edit":
         raise SettingsError("InstructPix2Pix (edit) models are not supported")
-    select_layers(self_attention_layers(unet_module(model)), settings.layers)
+    unet = unet_module(model)
+    if unet_layout(unet) is None:
+        raise SettingsError(f"this model's denoiser ({type(unet).__name__}) is not a UNet; SEG supports "
+                            "SD1.x, SD2.x and SDXL checkpoints")
+    select_layers(self_attention_layers(unet), settings.layers)
 
 
 def _wrap_sampling(p, settings: SegSettings) -> None:
