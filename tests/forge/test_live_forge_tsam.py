@@ -302,14 +302,17 @@ def test_img2img(model):
 
 
 def test_xyz_axis(model):
+    """The T-SAM axes are offered; a cell runs with its value. Only each plot's last cell is compared
+    with the same request sent alone: reForge's earlier cells differ from it for any axis (seen with
+    "Seed: 11, 11, 11": cells 1 and 2 differ, cell 3 equals)."""
     status, info = call("GET", "/sdapi/v1/script-info")
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert {"[T-SAM] Strength", "[T-SAM] Loss", "[T-SAM] Power"} <= set(xyz["args"][0]["choices"])
-    args = xyz_script_args("[T-SAM] Strength", "0, 500", Include_Sub_Images=True)
-    body = generate(tsam=[False, 5, 0.6, 3, "none", 0, "paper", 4], script_name="x/y/z plot", script_args=args)
-    assert len(body["images"]) == 1 + 2
-    assert pixels_hash(body, 1) == pixels_hash(generate())  # strength 0
-    assert pixels_hash(body, 2) == pixels_hash(generate(tsam=STRONG_POSITIONAL))
+    for values, alone in (("500, 0", lambda: generate()), ("0, 500", lambda: generate(tsam=STRONG_POSITIONAL))):
+        args = xyz_script_args("[T-SAM] Strength", values, Include_Sub_Images=True)
+        body = generate(tsam=[False, 5, 0.6, 3, "none", 0, "paper", 4], script_name="x/y/z plot", script_args=args)
+        assert len(body["images"]) == 1 + 2
+        assert pixels_hash(body, 2) == pixels_hash(alone()), values
 
 
 MALFORMED = {
@@ -357,7 +360,9 @@ def test_gradient_pass_on_the_hosts_own_unet(model):
     attention replaced gives the host's output within float32 round-off; the analytic derivative of
     T-SAM's loss along its gradient equals central differences; the weights are the host's again."""
     result = tsam_probe("GET", "gradient?size=16")
-    assert result["inference_weights"] and result["inference_weights_after"], result
+    # Inference tensors wherever the host moved the model under inference mode (not reForge on CPU).
+    assert result["inference_weights"] == result["inference_weights_after"], result
+    assert result["inference_weights"] or VARIANT == "reforge", result
     assert result["copies"] == (VARIANT != "reforge")
     assert result["replaced_vs_host_max_relative"] < 1e-5, result
     numeric = result["numeric"]["0.03"]
@@ -369,20 +374,28 @@ def test_costs_of_the_gradient_pass(model):
     copies are counted. The numbers are printed for the record (``-rA`` or ``-s``)."""
     result = tsam_probe("GET", "costs?size=16")
     print(f"{VARIANT} {model[0]}: {result}")
-    assert result["aliased"] > 0 and result["saved_activation_copies_MB"] > 0, result
+    assert (result["aliased"] > 0) == result["inference_weights"], result
+    assert result["saved_activation_copies_MB"] > 0, result
 
 
 #: Refused from reading their code, whatever the step-0 check says: UniPC passes its own latent at
 #: step 0 but later feeds the model its predictor's output and then recomputes the latent from its
-#: copies (the corrector), so later updates are lost.
-REFUSED_FROM_THE_CODE = {"UniPC"}
+#: copies (the corrector), so later updates are lost; reForge's "ODE Custom" runs the adaptive
+#: dopri5 solver by default, as "ODE (Dopri5)" does, whose check fails.
+REFUSED_FROM_THE_CODE = {"UniPC", "ODE Custom"}
+#: Supported from reading their code where the check cannot tell: reForge's Euler SMEA Dy adds
+#: noise to its latent before its first model call (so scaled starting noise is no reference) and
+#: reports the latent after its update, but that first call gets its own latent variable, from
+#: which it then steps (``sample_euler_smea_dy``).
+KEPT_FROM_THE_CODE = {"Euler SMEA Dy"}
 
 
 def test_every_sampler_takes_the_update_or_is_refused(model):
-    """For each sampler of the host, with T-SAM's own step driver: scaling the denoiser's x in place
-    at step 0 must equal scaling the starting noise (the update reached the sampler's latent), and
-    the driver must see one step per requested step. A sampler failing either is refused (as is
-    :data:`REFUSED_FROM_THE_CODE`), and every other one runs T-SAM."""
+    """For each sampler of the host, with T-SAM's own step driver scaling the denoiser's x in place at
+    step 0: the update reached the sampler's latent (the result equals scaling the starting noise,
+    or, for samplers that add noise before their first call, the sampler's step-0 callback reports
+    the updated tensor itself), and the driver saw one step per requested step. A sampler failing
+    either is refused (as is :data:`REFUSED_FROM_THE_CODE`), and every other one runs T-SAM."""
     if model[0] != "forge-sd1":
         pytest.skip("the samplers do not depend on the model: checked with forge-sd1")
     fields, problems, unchecked = {"steps": 6}, [], []
@@ -398,16 +411,20 @@ def test_every_sampler_takes_the_update_or_is_refused(model):
         status, body = call("POST", "/sdapi/v1/txt2img", payload([STRONG], sampler_name=sampler, **fields))
         assert status in (200, 422), (sampler, body)
         plain, noise, start = run(sampler, None), run(sampler, "noise"), run(sampler, "prehook")
-        steps = tsam_probe("GET", "sampler-steps")["steps"]
+        seen = tsam_probe("GET", "sampler-steps")
+        steps = seen["steps"]
         tsam_probe("POST", "sampler-mode", {"mode": None})
         if any(result is None for result in (plain, noise, start)):
             unchecked.append(sampler)  # its plain images are not finite on this model
             continue
         same_calls = len(start) == len(noise) == len(plain)  # adaptive samplers: not
-        kept = same_calls and relative_difference(start, noise) <= 1e-3 * relative_difference(noise, plain)
+        kept = sampler in KEPT_FROM_THE_CODE or seen["callback_got_the_update"] or \
+            same_calls and relative_difference(start, noise) <= 1e-3 * relative_difference(noise, plain)
         counted = steps == list(range(fields["steps"]))
         supported = kept and counted and sampler not in REFUSED_FROM_THE_CODE
         if (status == 422) == supported:
             problems.append((sampler, {"refused": status == 422, "kept at step 0": kept, "steps seen": steps}))
     print(f"{VARIANT}: not checkable (non-finite plain images): {unchecked}")
+    for problem in problems:
+        print("problem:", problem)
     assert not problems, problems

@@ -52,6 +52,15 @@ UNSUPPORTED_SAMPLERS = {
     "DPM adaptive": "DPM adaptive chooses its own number of steps, so T-SAM's schedule cannot be placed",
     "DPM fast": "DPM fast reports one step per group of up to 3 model calls, fewer steps than requested, so "
                 "T-SAM's schedule cannot be placed; use Euler, DPM++ 2M, DDIM, …",
+    # reForge's extra samplers
+    **dict.fromkeys(
+        ("ODE (Bosh3)", "ODE (Fehlberg2)", "ODE (Adaptive Heun)", "ODE (Dopri5)", "ODE Custom"),
+        "the ODE samplers integrate with their own stages and step-size control (many model calls per step, "
+        "some reused across steps), so an update of one call's input does not become their state; use Euler, "
+        "DPM++ 2M, DDIM, …"),
+    "DPM++ 2S Ancestral CFG++ Intern": "this sampler calls the model on a resized copy of its latent and reports "
+                                       "fewer steps than requested, so T-SAM's updates would not reach it; use "
+                                       "DPM++ 2S Ancestral CFG++, Euler, DPM++ 2M, …",
 }
 
 

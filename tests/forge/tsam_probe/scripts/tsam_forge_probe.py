@@ -13,7 +13,8 @@ without it). Routes:
 - ``POST /tsam-probe/sampler-mode`` ``{"mode": "noise"|"prehook"|null, "eps": e}``, then a
   generation, then ``GET /tsam-probe/sampler-steps``: with "prehook", T-SAM's own step driver
   (``TsamSteps``) scales the denoiser's ``x`` in place by ``1 + e`` at step 0 and records the steps
-  it sees; with "noise", the starting noise is scaled instead. Equal results mean the in-place
+  it sees, and whether the sampler's step-0 callback reports the very tensor it updated; with
+  "noise", the starting noise is scaled instead. Equal results (or that callback) mean the in-place
   update reached the sampler's own latent.
 """
 
@@ -23,7 +24,7 @@ import time
 import torch
 from modules import script_callbacks, scripts, shared
 
-SAMPLER_CHECK = {"mode": None, "eps": 0.0, "steps": []}
+SAMPLER_CHECK = {"mode": None, "eps": 0.0, "steps": [], "callback_got_the_update": False}
 
 
 def _ours(name):
@@ -89,7 +90,8 @@ def _costs(size):
     parameters = list(unet.parameters())
     sampling = getattr(model, "predictor", None) or model.model_sampling
     x, sigma, kwargs, targets, _ = _inputs(model, size, batch=1)
-    result = {"parameter_MB": round(sum(p.numel() * p.element_size() for p in parameters) / 2**20, 1)}
+    result = {"parameter_MB": round(sum(p.numel() * p.element_size() for p in parameters) / 2**20, 1),
+              "inference_weights": all(p.is_inference() for p in parameters)}
     with torch.inference_mode():
         start = time.perf_counter()
         with tsam_unet.autograd_parameters(unet) as replaced:
@@ -143,7 +145,21 @@ def _scaling_class():
     class Scaling(_ours("adapters.tsam_steps").TsamSteps):
         def aligned_latent(self, denoiser, x, sigma, cond, image_cond, *, step, total, step_size, iterations):
             SAMPLER_CHECK["steps"].append(step)
+            if step == 0:
+                self.updated = x
             return x * (1 + SAMPLER_CHECK["eps"]) if step == 0 else None
+
+        def _count_steps(self, sampler):
+            super()._count_steps(sampler)
+            counting = sampler.callback_state
+
+            def callback_state(d):
+                if int(d["i"]) == 0 and d.get("x") is getattr(self, "updated", None):
+                    SAMPLER_CHECK["callback_got_the_update"] = True
+                return counting(d)
+
+            sampler.callback_state = callback_state
+            self._stack.callback(setattr, sampler, "callback_state", counting)  # then T-SAM's own restore runs
 
     return Scaling
 
@@ -159,12 +175,13 @@ def _routes(demo, app):
 
     @app.post("/tsam-probe/sampler-mode")
     def sampler_mode(body: dict):
-        SAMPLER_CHECK.update(mode=body.get("mode"), eps=float(body.get("eps", 0.0)), steps=[])
+        SAMPLER_CHECK.update(mode=body.get("mode"), eps=float(body.get("eps", 0.0)), steps=[],
+                             callback_got_the_update=False)
         return {}
 
     @app.get("/tsam-probe/sampler-steps")
     def sampler_steps():
-        return {"steps": SAMPLER_CHECK["steps"]}
+        return {"steps": SAMPLER_CHECK["steps"], "callback_got_the_update": SAMPLER_CHECK["callback_got_the_update"]}
 
 
 script_callbacks.on_app_started(_routes)
