@@ -11,8 +11,8 @@
 # Phases:
 #   1. baseline: starts the WebUI API-only (--nowebui) with only the test probe extension
 #      (tests/forge/probe_extension) and records the image hashes of a few plain requests;
-#   2. live: restarts it with this extension as well (a link to this repository) and runs
-#      tests/forge with SEG_TSAM_WEBUI_URL, SEG_TSAM_BASELINE and SEG_TSAM_FORGE_VARIANT.
+#   2. live: restarts it with this extension and the T-SAM probe (tests/forge/tsam_probe) as well
+#      (links to this repository) and runs tests/forge with SEG_TSAM_WEBUI_URL, SEG_TSAM_BASELINE and SEG_TSAM_FORGE_VARIANT.
 # The WebUI runs on 127.0.0.1 with a data folder of its own (--data-dir: extensions/, config.json,
 # models/ as links to the WebUI's), so the WebUI's own folder is not touched. The server is stopped
 # and the links removed on exit; the data folder with the WebUI log, the pytest logs and the
@@ -60,7 +60,8 @@ if ! grep -q 'extensions_dir = os.path.join(data_path, "extensions")' "$ROOT/mod
 fi
 PROBE_LINK=$EXTENSIONS/zz-seg-tsam-forge-probe-$$
 EXTENSION_LINK=$EXTENSIONS/sd-webui-seg-tsam-$$
-[[ $EXTENSIONS == "$DATA/extensions" ]] || ROOT_LINKS=("$PROBE_LINK" "$EXTENSION_LINK")
+TSAM_PROBE_LINK=$EXTENSIONS/zz-seg-tsam-forge-tsam-probe-$$
+[[ $EXTENSIONS == "$DATA/extensions" ]] || ROOT_LINKS=("$PROBE_LINK" "$EXTENSION_LINK" "$TSAM_PROBE_LINK")
 ln -sfn "$REPO/tests/forge/probe_extension" "$PROBE_LINK"
 SERVER=
 
@@ -104,6 +105,7 @@ echo "== baseline phase: ${BASELINE_TIME} s"
 echo "== $VARIANT live tests: WebUI with this extension"
 T1=$SECONDS
 ln -sfn "$REPO" "$EXTENSION_LINK"
+ln -sfn "$REPO/tests/forge/tsam_probe" "$TSAM_PROBE_LINK"
 start
 echo "   WebUI ready after $((SECONDS - T1)) s"
 SEG_TSAM_BASELINE=$BASELINE SEG_TSAM_FORGE_MEASUREMENTS=$DATA/measurements.jsonl "$TEST_PYTHON" -m pytest "$REPO/tests/forge" -p no:cacheprovider -rfEs "$@" 2>&1 |
