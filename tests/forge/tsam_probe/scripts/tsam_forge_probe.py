@@ -5,9 +5,10 @@ without it). Routes:
 
 - ``GET /tsam-probe/gradient?size=N``: on the loaded model's real UNet (inference weights, the
   host's transformer blocks), T-SAM's pass (``tsam_unet.alignment_session``) against the host:
-  the UNet output with every attention replaced vs. the host's own attention, and the analytic
-  derivative of the summed loss along its gradient vs. central differences; plus whether the weights
-  are the host's inference tensors again afterwards;
+  the UNet output with every attention replaced vs. the host's own attention, the host's own
+  float32 round-off (row 0 of a batch of 2 vs. that row alone), the summed loss, and the analytic
+  derivative of the summed loss along its gradient vs. central differences at two step sizes; plus
+  whether the weights are the host's inference tensors again afterwards;
 - ``GET /tsam-probe/costs?size=N``: parameter bytes, the time to alias the inference weights vs.
   to clone them, the bytes T-SAM's saved-activation copies take and one update's time;
 - ``POST /tsam-probe/sampler-mode`` ``{"mode": "noise"|"prehook"|null, "eps": e}``, then a
@@ -47,7 +48,7 @@ def _inputs(model, size, batch=2):
     return x, torch.full((batch,), 3.0, device=device), kwargs, targets, generator
 
 
-def _gradient(size):
+def _gradient(size, steps):
     tsam_unet, descent = _ours("adapters.forge.tsam_unet"), _ours("core.tsam_descent")
     copy = _ours("webui.forge_host").TRANSFORMER_BLOCKS_ADD_IN_PLACE
     model = shared.sd_model.forge_objects.unet.model
@@ -57,6 +58,9 @@ def _gradient(size):
     result = {"inference_weights": all(p.is_inference() for p in unet.parameters()), "copies": copy}
     with torch.inference_mode():
         host = model.apply_model(x, sigma, transformer_options={}, **kwargs)
+        # The host's own float32 round-off for this call: row 0 of the batch of 2 against that row alone.
+        alone = model.apply_model(x[:1], sigma[:1], transformer_options={}, **{k: v[:1] for k, v in kwargs.items()})
+        result["host_batch_roundoff"] = float((host[:1] - alone).abs().max() / alone.abs().max())
         with torch.inference_mode(False):
             c_in = sampling.calculate_input(sigma, torch.ones_like(x)).clone()
             z, sigma, kwargs = x * c_in, sigma.clone(), {k: v.clone() for k, v in kwargs.items()}
@@ -69,12 +73,13 @@ def _gradient(size):
                 options = tsam_unet.PatcherCrossAttentionCapture(unet).transformer_options({})
                 replaced = model.apply_model(z / c_in, sigma, transformer_options=options, **kwargs)
                 result["replaced_vs_host_max_relative"] = float((replaced - host).abs().max() / host.abs().max())
-                _, gradient = descent.alignment_gradient(capture, run, z, targets, "paper")
+                alignment, gradient = descent.alignment_gradient(capture, run, z, targets, "paper")
+                result["loss"] = float(alignment.losses.sum())
                 # Along the gradient: the largest derivative, so float32 losses resolve it.
                 direction = gradient / gradient.norm()
                 result["analytic"] = float((gradient * direction).sum())
                 result["numeric"] = {}
-                for epsilon in (3e-2, 1e-2):
+                for epsilon in steps:
                     plus = descent.alignment_losses(capture, run, z + epsilon * direction, targets, "paper")
                     minus = descent.alignment_losses(capture, run, z - epsilon * direction, targets, "paper")
                     result["numeric"][str(epsilon)] = float(plus.losses.sum() - minus.losses.sum()) / (2 * epsilon)
@@ -166,8 +171,8 @@ def _scaling_class():
 
 def _routes(demo, app):
     @app.get("/tsam-probe/gradient")
-    def gradient(size: int = 8):
-        return _gradient(size)
+    def gradient(size: int = 8, steps: str = "4,2,1"):
+        return _gradient(size, [float(step) for step in steps.split(",")])
 
     @app.get("/tsam-probe/costs")
     def costs(size: int = 8):
