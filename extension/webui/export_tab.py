@@ -305,7 +305,9 @@ def on_ui_tabs():
                         "`export/requirements-webui.txt`.")
             install = gr.Button("Install export packages", elem_id="seg_export_install")
         with gr.Row():
-            preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=_loaded_family_preset(),
+            # a function as the value: evaluated when the page loads, so a checkpoint loaded (or switched)
+            # after the UI was built is the one preselected for
+            preset = gr.Dropdown(label="Profile", choices=[*PRESETS, CUSTOM], value=_loaded_family_preset,
                                  info="The sizes the engine will take. Preselected for the loaded checkpoint; "
                                       "Custom opens the ranges below.", elem_id="seg_export_preset")
             layers = gr.Textbox(label="SEG layers", value=export_service.DEFAULT_LAYERS, elem_id="seg_export_layers")

@@ -16,12 +16,14 @@ messages and tables. Every request the page makes to another host is aborted (of
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -389,3 +391,32 @@ def test_export_tab_exports_lists_and_deletes(page, screenshots):
     timers = sorted({line.strip() for progress in seen for line in progress.splitlines() if generic.match(line.strip())})
     assert new_lines, ("no progress text in the tab while the export ran (only Gradio's timer: "
                        f"{', '.join(timers[:3])}{', …' if len(timers) > 3 else ''})")
+
+
+def _select_checkpoint(name: str) -> None:
+    """Load the checkpoint ``name`` through the WebUI's API (the UI's checkpoint box does the same)."""
+    with urllib.request.urlopen(UI_URL + "/sdapi/v1/sd-models", timeout=60) as answer:
+        title = next(model["title"] for model in json.load(answer) if model["model_name"] == name)
+    request = urllib.request.Request(UI_URL + "/sdapi/v1/options", method="POST",
+                                     data=json.dumps({"sd_model_checkpoint": title}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=600).close()
+
+
+def test_export_profile_follows_the_checkpoint_loaded_when_the_page_opens(page, screenshots):
+    """The profile is preselected for the checkpoint loaded when the page opens, not the one loaded
+    (or not yet loaded) when the WebUI built its UI: switch to the SDXL checkpoint, reload."""
+    try:
+        _select_checkpoint("tiny-sdxl")
+        page.reload(wait_until="domcontentloaded")
+        page.locator(f"#{SEG}_enabled-visible-checkbox").wait_for(state="attached", timeout=300_000)
+        page.locator("#tabs > .tab-nav > button", has_text="SEG Export").click()
+        box = page.locator("#seg_export_preset input").first
+        box.wait_for(state="visible")
+        deadline = time.monotonic() + 30  # the page's load events fill in the value
+        while box.input_value() != "SDXL 768-1024" and time.monotonic() < deadline:
+            page.wait_for_timeout(250)
+        shot(page, screenshots, "export-tab-sdxl.png")
+        assert box.input_value() == "SDXL 768-1024", f"profile {box.input_value()!r} preselected for an SDXL checkpoint"
+    finally:
+        _select_checkpoint("tiny-sd1")
