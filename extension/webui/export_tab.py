@@ -393,11 +393,12 @@ def default_precision() -> str:
     """The precision the WebUI runs its UNet in: fp32 under ``--no-half`` (GTX 16xx, AMD, Mac, CPU),
     where an fp16 export fails (``mat1 and mat2 must have the same dtype``), else fp16. Read from the
     command line as well as from ``devices.dtype_unet``: the WebUI sets that only when a model loads,
-    and the tab may be built before the first load finishes."""
+    and the tab may be built before the first load finishes. (Forge Neo has no ``--no-half``.)"""
     import torch
     from modules import devices, shared
 
-    return "fp32" if shared.cmd_opts.no_half or devices.dtype_unet == torch.float32 else "fp16"
+    no_half = getattr(shared.cmd_opts, "no_half", False)
+    return "fp32" if no_half or devices.dtype_unet == torch.float32 else "fp16"
 
 
 def _api_export(body: Any = Body(...)) -> dict[str, Any]:
