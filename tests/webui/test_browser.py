@@ -91,9 +91,9 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser):
-    """A fresh page on the WebUI (no state left by another test), 1400×1800 so both accordions show."""
+def _open_page(browser):
+    """A fresh context and page on the WebUI (no state left by another test), 1400×1800 so both
+    accordions show, once the WebUI's JavaScript has built the UI."""
     context = browser.new_context(viewport={"width": 1400, "height": 1800})
     context.route(lambda url: not url.startswith(UI_URL), lambda route: route.abort())  # offline: no CDN fonts
     page = context.new_page()
@@ -101,8 +101,32 @@ def page(browser):
     page.goto(UI_URL + "/", wait_until="domcontentloaded", timeout=300_000)
     # the accordions' visible checkboxes are added by the WebUI's JavaScript once the UI is loaded
     page.locator(f"#{SEG}_enabled-visible-checkbox").wait_for(state="attached", timeout=300_000)
+    return context, page
+
+
+@pytest.fixture
+def page(browser):
+    context, page = _open_page(browser)
     yield page
     context.close()
+
+
+@pytest.fixture
+def page_after(browser):
+    """``page_after(action)``: runs ``action``, then opens a fresh page. (A page opened before would
+    undo a checkpoint switch: when its start-up sets the WebUI's checkpoint box, the box's change
+    event loads that checkpoint again.)"""
+    contexts = []
+
+    def open_after(action):
+        action()
+        context, page = _open_page(browser)
+        contexts.append(context)
+        return page
+
+    yield open_after
+    for context in contexts:
+        context.close()
 
 
 # --- what a user does ----------------------------------------------------------------------------------
@@ -403,13 +427,11 @@ def _select_checkpoint(name: str) -> None:
     urllib.request.urlopen(request, timeout=600).close()
 
 
-def test_export_profile_follows_the_checkpoint_loaded_when_the_page_opens(page, screenshots):
+def test_export_profile_follows_the_checkpoint_loaded_when_the_page_opens(page_after, screenshots):
     """The profile is preselected for the checkpoint loaded when the page opens, not the one loaded
-    (or not yet loaded) when the WebUI built its UI: switch to the SDXL checkpoint, reload."""
+    (or not yet loaded) when the WebUI built its UI: switch to the SDXL checkpoint, open the page."""
     try:
-        _select_checkpoint("tiny-sdxl")
-        page.reload(wait_until="domcontentloaded")
-        page.locator(f"#{SEG}_enabled-visible-checkbox").wait_for(state="attached", timeout=300_000)
+        page = page_after(lambda: _select_checkpoint("tiny-sdxl"))
         page.locator("#tabs > .tab-nav > button", has_text="SEG Export").click()
         box = page.locator("#seg_export_preset input").first
         box.wait_for(state="visible")
