@@ -22,8 +22,9 @@ import threading
 import time
 
 import pytest
-from test_live_seg import (BASE, MALFORMED, SEG_ON, TITLE, call, denoised_steps, generate, image_hash,
-                           relative_difference, seg_roundoff_weight, xyz_script_args)
+from test_live_seg import (BASE, MALFORMED, SEG_ON, TITLE, XYZ_BAD_VALUES, call, check_xyz_bad_value,
+                           check_xyz_plot_over_sigma, denoised_steps, generate, image_hash, relative_difference,
+                           samplers, seg_roundoff_weight)
 
 URL = os.environ.get("SEG_TSAM_WEBUI_URL")
 VARIANT = os.environ.get("SEG_TSAM_FORGE_VARIANT")
@@ -63,11 +64,6 @@ def hires_fields() -> dict:
     if VARIANT in ("neo", "forge"):  # Neo's hires pass fails without it (processing.py:1491, `in None`)
         fields["hr_additional_modules"] = ["Use same choices"]
     return fields
-
-
-@functools.lru_cache(maxsize=None)
-def samplers() -> tuple[str, ...]:
-    return tuple(sampler["name"] for sampler in call("GET", "/sdapi/v1/samplers")[1])
 
 
 def png(width: int, height: int, pixel) -> str:
@@ -410,19 +406,12 @@ def test_infotext_round_trip(model):
 
 
 def test_xyz_plot_over_sigma(model):
-    args = xyz_script_args("[SEG] Sigma", "0, 2, inf", Include_Sub_Images=True)
-    body = generate(script_name="x/y/z plot", script_args=args)
-    assert len(body["images"]) == 1 + 3  # the grid and the three cells
-    cells = [image_hash(body, index) for index in range(1, 4)]
-    assert len(set(cells)) == 3
+    check_xyz_plot_over_sigma()
 
 
-def test_xyz_plot_with_a_bad_value_says_which(model):
-    """A bad axis value stops the plot with a 422 naming SEG and the value, before any cell runs."""
-    payload = {**BASE, "script_name": "x/y/z plot", "script_args": xyz_script_args("[SEG] Scale", "-3, 2")}
-    status, body = call("POST", "/sdapi/v1/txt2img", payload)
-    assert status == 422, body
-    assert TITLE in body["detail"] and "X/Y/Z value -3.0: scale: must be in [0, 100]" in body["detail"], body
+@pytest.mark.parametrize(("axis", "values", "message"), XYZ_BAD_VALUES)
+def test_xyz_plot_with_a_bad_value_says_which(model, axis, values, message):
+    check_xyz_bad_value(axis, values, message)
 
 
 @pytest.mark.parametrize("case", list(MALFORMED), ids=str)

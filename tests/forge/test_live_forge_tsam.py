@@ -17,18 +17,13 @@ import io
 import json
 import math
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-WEBUI_TESTS = str(Path(__file__).resolve().parent.parent / "webui")
-if WEBUI_TESTS not in sys.path:  # the AUTOMATIC1111 live suite's helpers
-    sys.path.insert(0, WEBUI_TESTS)
-
-from test_live_seg import (call, image_hash, interrupt_midway, relative_difference,  # noqa: E402
-                           seg_roundoff_weight, xyz_script_args)
+# the AUTOMATIC1111 live suite's helpers (tests/forge/conftest.py puts tests/webui on sys.path)
+from test_live_seg import (call, image_hash, interrupt_midway, relative_difference, samplers, seg_roundoff_weight,
+                           xyz_script_args)
 
 URL = os.environ.get("SEG_TSAM_WEBUI_URL")
 VARIANT = os.environ.get("SEG_TSAM_FORGE_VARIANT")
@@ -97,10 +92,6 @@ def decoded(body: dict, index: int):
 
 def pixels_hash(body: dict, index: int = 0) -> str:
     return hashlib.sha256(decoded(body, index).tobytes()).hexdigest()
-
-
-def samplers() -> list[str]:
-    return [entry["name"] for entry in call("GET", "/sdapi/v1/samplers")[1]]
 
 
 def probe_state() -> dict:

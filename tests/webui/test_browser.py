@@ -111,24 +111,6 @@ def page(browser):
     context.close()
 
 
-@pytest.fixture
-def page_after(browser):
-    """``page_after(action)``: runs ``action``, then opens a fresh page. (A page opened before would
-    undo a checkpoint switch: when its start-up sets the WebUI's checkpoint box, the box's change
-    event loads that checkpoint again.)"""
-    contexts = []
-
-    def open_after(action):
-        action()
-        context, page = _open_page(browser)
-        contexts.append(context)
-        return page
-
-    yield open_after
-    for context in contexts:
-        context.close()
-
-
 # --- what a user does ----------------------------------------------------------------------------------
 
 
@@ -427,11 +409,15 @@ def _select_checkpoint(name: str) -> None:
     urllib.request.urlopen(request, timeout=600).close()
 
 
-def test_export_profile_follows_the_checkpoint_loaded_when_the_page_opens(page_after, screenshots):
+def test_export_profile_follows_the_checkpoint_loaded_when_the_page_opens(browser, screenshots):
     """The profile is preselected for the checkpoint loaded when the page opens, not the one loaded
-    (or not yet loaded) when the WebUI built its UI: switch to the SDXL checkpoint, open the page."""
+    (or not yet loaded) when the WebUI built its UI: switch to the SDXL checkpoint, open the page.
+    The page opens after the switch: a page opened before would undo it (its start-up sets the
+    WebUI's checkpoint box, whose change event loads that checkpoint again)."""
+    context = None
     try:
-        page = page_after(lambda: _select_checkpoint("tiny-sdxl"))
+        _select_checkpoint("tiny-sdxl")
+        context, page = _open_page(browser)
         page.locator("#tabs > .tab-nav > button", has_text="SEG Export").click()
         box = page.locator("#seg_export_preset input").first
         box.wait_for(state="visible")
@@ -441,4 +427,6 @@ def test_export_profile_follows_the_checkpoint_loaded_when_the_page_opens(page_a
         shot(page, screenshots, "export-tab-sdxl.png")
         assert box.input_value() == "SDXL 768-1024", f"profile {box.input_value()!r} preselected for an SDXL checkpoint"
     finally:
+        if context is not None:
+            context.close()
         _select_checkpoint("tiny-sd1")

@@ -10,6 +10,7 @@ WebUI *without* this extension (``SEG_TSAM_RECORD_BASELINE=path`` records it).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -272,6 +273,12 @@ def test_infotext_round_trip(model):
     assert image_hash(pasted) == image_hash(first)
 
 
+@functools.lru_cache(maxsize=None)
+def samplers() -> tuple[str, ...]:
+    """The names of the WebUI's samplers (one WebUI per test run)."""
+    return tuple(sampler["name"] for sampler in call("GET", "/sdapi/v1/samplers")[1])
+
+
 def xyz_script_args(x_axis: str, x_values: str, **by_label) -> list:
     """X/Y/Z plot arguments built from the WebUI's own ``/sdapi/v1/script-info`` (its argument
     list differs between versions: ``dev`` added ``draw_grid``): every argument at its default,
@@ -292,7 +299,8 @@ def xyz_script_args(x_axis: str, x_values: str, **by_label) -> list:
     return args
 
 
-def test_xyz_plot_over_sigma(model):
+def check_xyz_plot_over_sigma() -> None:
+    """An X/Y/Z plot over σ through the API gives the grid and three different cells."""
     args = xyz_script_args("[SEG] Sigma", "0, 2, inf", Include_Sub_Images=True)
     body = generate(script_name="x/y/z plot", script_args=args)
     assert len(body["images"]) == 1 + 3  # the grid and the three cells
@@ -300,17 +308,29 @@ def test_xyz_plot_over_sigma(model):
     assert len(set(cells)) == 3
 
 
-@pytest.mark.parametrize(("axis", "values", "message"), [
+#: ``(axis, values, message)``: X/Y/Z axes with a bad value, and what the answer must say.
+XYZ_BAD_VALUES = [
     ("[SEG] Scale", "-3, 2", "X/Y/Z value -3.0: scale: must be in [0, 100]"),
     ("[SEG] Layers", "mid, q7", "X/Y/Z value 'q7': layers: unknown layer 'q7'"),
     ("[SEG] Layers", "m99", "layer m99 does not exist"),
-])
-def test_xyz_plot_with_a_bad_value_says_which(model, axis, values, message):
+]
+
+
+def check_xyz_bad_value(axis: str, values: str, message: str) -> None:
     """A bad axis value stops the plot with a 422 naming SEG and the value, before any cell runs."""
     payload = {**BASE, "script_name": "x/y/z plot", "script_args": xyz_script_args(axis, values)}
     status, body = call("POST", "/sdapi/v1/txt2img", payload)
     assert status == 422, body
     assert TITLE in body["detail"] and message in body["detail"], body
+
+
+def test_xyz_plot_over_sigma(model):
+    check_xyz_plot_over_sigma()
+
+
+@pytest.mark.parametrize(("axis", "values", "message"), XYZ_BAD_VALUES)
+def test_xyz_plot_with_a_bad_value_says_which(model, axis, values, message):
+    check_xyz_bad_value(axis, values, message)
 
 
 MALFORMED = {
